@@ -1,0 +1,61 @@
+"""Where tensors live and how runs are made repeatable.
+
+`get_device` picks the fastest available backend (CUDA, then Apple's MPS, then the
+CPU), overridable by argument or by the ``MINIDIT_DEVICE`` environment variable.
+`seed_everything` seeds every random number generator a run touches.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
+    """Return the device to run on.
+
+    Args:
+        prefer: an explicit choice ("cpu", "cuda", "cuda:1", "mps"); when None the
+            ``MINIDIT_DEVICE`` environment variable is read, and when that is unset
+            CUDA, then MPS, then the CPU is chosen.
+
+    Raises:
+        ValueError: the requested backend is not available on this machine.
+    """
+    if prefer is None:
+        prefer = os.environ.get("MINIDIT_DEVICE") or None
+    if prefer is not None:
+        device = torch.device(prefer)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(prefer)!r} requested but CUDA is not available here")
+        if device.type == "mps" and not _mps_available():
+            raise ValueError(f"device {str(prefer)!r} requested but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python's `random`, numpy and torch (every device) with `seed`.
+
+    Returns:
+        A CPU `torch.Generator` seeded with `seed`, for code that prefers an
+        explicit generator to the global state.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
