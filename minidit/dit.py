@@ -1,0 +1,318 @@
+"""The Diffusion Transformer: a ViT that reads noisy latents x_t with t and y, and predicts eps.
+
+The input [C, H, W] is patchified into L = (H/P)(W/P) tokens with the fixed 2-D sin-cos
+code, passed through N blocks conditioned on t_emb and y_emb, decoded per token by a final
+layer to P*P*C' numbers and unpatchified (C' = 2C when the variance is learned [IDDPM]).
+The paper compares four ways for a block to see the condition [DiT, Sec. 3.2]:
+
+    in-context:       [t_emb; y_emb; tokens] form one sequence; plain ViT blocks
+    cross-attention:  x += CrossAttn(LN(x), [t_emb; y_emb]) after self-attention
+    adaLN:            c = t_emb + y_emb;  (gamma, beta) = MLP(c);  adaLN(x) = LN(x)(1 + gamma) + beta
+    adaLN-Zero:       also alpha = MLP(c), x += alpha * Attn(adaLN(x)), x += alpha * MLP(adaLN(x)),
+                      with the MLP initialised to zero: every block is the identity at init
+
+Classifier-free guidance combines the conditional and unconditional (null label)
+predictions of one network [CFG, Eq. 6]:  eps~ = eps(x_t, null) + s (eps(x_t, y) - eps(x_t, null)).
+
+References: [DiT] Peebles, Xie 2023; [IDDPM] Nichol, Dhariwal 2021; [CFG] Ho, Salimans 2022.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from minidit.attention import BACKENDS, Attention, CrossAttention
+from minidit.embeddings import LabelEmbedder, TimestepEmbedder
+from minidit.vit import Block, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
+
+CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """A Diffusion Transformer; `input_size` is the (square) side of the input in pixels or latents."""
+
+    input_size: int
+    patch_size: int
+    in_channels: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # 0: an unconditional model
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    conditioning: str = "adaln-zero"
+    attention_backend: str = "sdpa"
+    frequency_size: int = 256
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads} and by 4"
+            )
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.num_classes < 0 or not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError("num_classes must be >= 0 and class_dropout_prob in [0, 1)")
+
+    @property
+    def out_channels(self) -> int:
+        """C' = 2C with a learned variance (eps and the variance interpolation v), else C."""
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+def _paper_config(width: int, depth: int, heads: int, patch: int) -> DiTConfig:
+    """The paper's ImageNet 256 models: on 32x32x4 latents, 1000 classes, learned variance."""
+    return DiTConfig(32, patch, 4, width, depth, heads, num_classes=1000, learn_sigma=True)
+
+
+_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DIT_CONFIGS = {
+    f"DiT-{size}/{patch}": _paper_config(*_SIZES[size], patch)
+    for size in ("S", "B", "L", "XL")
+    for patch in (2, 4, 8)
+}
+DIT_CONFIGS.update({
+    # 1.9 M parameters, 65 MMACs per image: a batch-128 training step costs ~0.7 CPU-core seconds
+    "dit-mnist-cpu": DiTConfig(28, 4, 1, 128, 6, 4, num_classes=10, learn_sigma=False),
+    "dit-mnist-gpu": DiTConfig(28, 2, 1, 384, 12, 6, num_classes=10, learn_sigma=False),
+    "dit-cifar10-gpu": DiTConfig(32, 2, 3, 384, 12, 6, num_classes=10, learn_sigma=False),
+})
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive layer-norm affine: x [B, L, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])  # one fused op
+
+
+class AdaLNBlock(nn.Module):
+    """DiT block with adaptive layer norm; `zero=True` adds the gates alpha (adaLN-Zero)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, zero: bool, backend: str):
+        super().__init__()
+        self.zero = zero
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # regresses (beta1, gamma1, [alpha1,] beta2, gamma2, [alpha2]) from c
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if zero else 4) * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x [B, L, D] and condition c [B, D] -> [B, L, D]."""
+        if self.zero:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)
+            # x + alpha * f(adaLN(x)), as one fused multiply-add
+            x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1)))
+            return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        shift1, scale1, shift2, scale2 = self.modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class CrossAttentionBlock(nn.Module):
+    """DiT block that attends to the condition tokens [t_emb; y_emb] after self-attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend=backend)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Tokens x [B, L, D] and condition tokens context [B, Lc, D] -> [B, L, D]."""
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """(adaptive) LN, then a Linear from D to P*P*C' numbers per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, adaptive: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaptive else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [B, L, D] (and c [B, D] when adaptive) -> [B, L, P*P*C']."""
+        x = self.norm(x)
+        if self.modulation is not None:
+            shift, scale = self.modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: (x_t [B, C, H, W], t [B], y [B]) -> [B, C', H, W].
+
+    Time convention: `t` is whatever the caller's process uses, as a float [B] (or a scalar
+    shared by the batch): DDPM steps 0..T-1, or 1000 t for a continuous t in [0, 1].
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        D, grid = c.hidden_size, c.input_size // c.patch_size
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, D, kind="linear")
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, grid, grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(D, c.frequency_size)
+        self.y_embedder = (
+            LabelEmbedder(c.num_classes, D, c.class_dropout_prob) if c.num_classes > 0 else None
+        )
+        self.blocks = nn.ModuleList(self._make_block() for _ in range(c.depth))
+        adaptive = c.conditioning in ("adaln-zero", "adaln")
+        self.final_layer = FinalLayer(D, c.patch_size, c.out_channels, adaptive)
+        self._init_weights()
+
+    def _make_block(self) -> nn.Module:
+        c = self.config
+        args = (c.hidden_size, c.num_heads, c.mlp_ratio)
+        if c.conditioning in ("adaln-zero", "adaln"):
+            return AdaLNBlock(*args, zero=c.conditioning == "adaln-zero", backend=c.attention_backend)
+        if c.conditioning == "cross-attention":
+            return CrossAttentionBlock(*args, backend=c.attention_backend)
+        return Block(*args, backend=c.attention_backend)  # in-context: a plain ViT block
+
+    def _init_weights(self):
+        # 1. Xavier-uniform Linears with zero biases, the usual ViT initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # 2. the embedder MLPs and the label table get N(0, 0.02^2) instead
+        for m in [*self.t_embedder.mlp, *([self.y_embedder.table] if self.y_embedder else [])]:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        # 3. adaptive norms start as plain LN (gamma = beta = 0) and, for adaLN-Zero, the gates
+        #    alpha = 0 make each block the identity; the output layer starts at zero
+        for m in self.modules():
+            if isinstance(m, (AdaLNBlock, FinalLayer)) and m.modulation is not None:
+                nn.init.zeros_(m.modulation[-1].weight)
+                nn.init.zeros_(m.modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_inputs(self, x, t, y, force_drop_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raise ValueError on a bad input; return t as a float tensor [B] and the labels [B]."""
+        c = self.config
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.input_size, c.input_size):
+            raise ValueError(
+                f"x must have shape [B, {c.in_channels}, {c.input_size}, {c.input_size}], got {list(x.shape)}"
+            )
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != B):
+            raise ValueError(f"t must be a scalar or have shape [{B}], got {list(t.shape)}")
+        if c.num_classes == 0:
+            if y is not None or force_drop_ids is not None:
+                raise ValueError("y (and force_drop_ids) given to an unconditional DiT (num_classes=0)")
+            return t.float().expand(B), None
+        if y is None:  # no label at all: the null label, an unconditional prediction
+            y = torch.full((B,), c.num_classes, dtype=torch.long, device=x.device)
+        if y.shape != (B,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must be an integer tensor of shape [{B}], got {y.dtype} {list(y.shape)}")
+        if force_drop_ids is not None and force_drop_ids.shape != (B,):
+            raise ValueError(f"force_drop_ids must have shape [{B}], got {list(force_drop_ids.shape)}")
+        if B > 0 and y.device.type != "meta" and not torch.compiler.is_compiling():
+            if int(y.min()) < 0 or int(y.max()) > c.num_classes:
+                raise ValueError(
+                    f"labels y must lie in [0, {c.num_classes}) or be the null label {c.num_classes}, "
+                    f"got values in [{int(y.min())}, {int(y.max())}]"
+                )
+        return t.float().expand(B), y
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict eps (and the variance channels) for noisy inputs.
+
+        Args:
+            x: noisy inputs x_t [B, C, H, W].
+            t: timesteps [B] (or a scalar), any float scale.
+            y: labels [B] in [0, num_classes), or the null label num_classes for an
+                unconditional prediction (what classifier-free guidance asks for); None
+                means the null label for every sample (and is required when num_classes=0).
+            force_drop_ids: bool [B]; where true, y is replaced by the null label.
+                Random label dropout (probability class_dropout_prob) happens in train mode.
+
+        Returns:
+            [B, C', H, W] with C' = 2C when `learn_sigma` (eps first, then the variance).
+        """
+        t, y = self._check_inputs(x, t, y, force_drop_ids)
+        return self._forward(x, t, y, force_drop_ids)
+
+    def _forward(self, x, t, y, force_drop_ids) -> torch.Tensor:
+        c = self.config
+        h = self.patch_embed(x) + self.pos_embed  # [B, L, D]
+        cond = [self.t_embedder(t)]  # t_emb [B, D]
+        if self.y_embedder is not None:
+            cond.append(self.y_embedder(y, self.training, force_drop_ids))  # y_emb [B, D]
+        if c.conditioning in ("adaln-zero", "adaln"):
+            c_vec = sum(cond)  # c = t_emb + y_emb  [B, D]
+            for block in self.blocks:
+                h = block(h, c_vec)
+            h = self.final_layer(h, c_vec)  # [B, L, P*P*C']
+        elif c.conditioning == "cross-attention":
+            context = torch.stack(cond, dim=1)  # [B, 1 or 2, D]
+            for block in self.blocks:
+                h = block(h, context)
+            h = self.final_layer(h)
+        else:  # in-context: the condition tokens ride along and are dropped at the end
+            h = torch.cat([torch.stack(cond, dim=1), h], dim=1)  # [B, n + L, D]
+            for block in self.blocks:
+                h = block(h)
+            h = self.final_layer(h[:, len(cond):])  # [B, L, P*P*C']
+        return unpatchify(h, c.patch_size, c.input_size, c.input_size)  # [B, C', H, W]
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guided prediction from one call on a doubled batch [CFG, Eq. 6].
+
+        Args:
+            x, t: as in `forward`.
+            y: labels [B] in [0, num_classes]; the null label num_classes asks for an
+                unconditional sample.
+            cfg_scale: guidance scale s (1 gives the conditional prediction).
+
+        Returns:
+            [B, C', H, W]: guided eps; the variance channels (if any) of the conditional half.
+        """
+        if self.config.num_classes == 0:
+            raise ValueError("forward_with_cfg needs a class-conditional DiT (num_classes > 0)")
+        t, y = self._check_inputs(x, t, y, None)
+        B, C = x.shape[0], self.config.in_channels
+        # 1. one batch: the conditional half, then the same inputs with the null label
+        drop = torch.arange(2 * B, device=x.device) >= B  # [2B]
+        out = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop)
+        cond, uncond = out.chunk(2, dim=0)  # 2 x [B, C', H, W]
+        # 2. eps~ = eps(null) + s (eps(y) - eps(null)) on the eps channels only
+        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+
+
+def make_dit(name: str, **overrides) -> DiT:
+    """Build a DiT from a preset in `DIT_CONFIGS`, with fields overridden by keyword
+    (e.g. ``make_dit("DiT-S/2", conditioning="in-context")``)."""
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; valid names: {list(DIT_CONFIGS)}")
+    return DiT(replace(DIT_CONFIGS[name], **overrides))
