@@ -1,0 +1,153 @@
+"""Flow matching: the interpolant, its conversions, t sampling, the loss and the samplers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minidit import flow
+from minidit.denoisers import Denoiser, mixture_denoiser
+from minidit.edm import edm_sample
+from minidit.dpm_solver import dpm_solver_pp
+from minidit.flow import FlowProcess, flow_loss, flow_sample, interpolate, sample_t, velocity_target
+from minidit.ode import pf_ode_solve
+from minidit.toy import GaussianMixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny 2-D tensors: one intra-op thread avoids OpenMP's overhead on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MIX64 = GaussianMixture(torch.tensor([0.4, 0.6]), torch.tensor([[-1.5, 0.5], [1.0, -1.0]]),
+                        torch.tensor([0.4, 0.6])).to(dtype=torch.float64)
+
+
+def test_interpolant_and_target():
+    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(interpolate(x0, eps, torch.zeros(5)), x0)
+    torch.testing.assert_close(interpolate(x0, eps, torch.ones(5)), eps)
+    t = torch.rand(5)
+    # the derivative of the path in t is the target
+    h = 1e-3
+    slope = (interpolate(x0, eps, t + h) - interpolate(x0, eps, t - h)) / (2 * h)
+    torch.testing.assert_close(slope, velocity_target(x0, eps), atol=1e-3, rtol=1e-3)
+
+
+def test_conversions_agree_with_the_exact_predictions():
+    process = FlowProcess()
+    x = torch.randn(40, 2, dtype=torch.float64)
+    t = torch.rand(40, dtype=torch.float64) * 0.9 + 0.05
+    exact = {k: mixture_denoiser(MIX64, process, k).fn(x, t) for k in ("velocity", "eps", "x0", "score")}
+    v = exact["velocity"]
+    torch.testing.assert_close(flow.x0_from_velocity(v, x, t), exact["x0"])
+    torch.testing.assert_close(flow.eps_from_velocity(v, x, t), exact["eps"])
+    torch.testing.assert_close(flow.score_from_velocity(v, x, t), exact["score"])
+    torch.testing.assert_close(flow.velocity_from_eps(exact["eps"], x, t), v)
+    torch.testing.assert_close(flow.velocity_from_x0(exact["x0"], x, t), v)
+    # the velocity is E[eps − x0 | x_t], which the generic kinds also state
+    torch.testing.assert_close(v, exact["eps"] - exact["x0"])
+
+
+def test_flow_sde_has_the_interpolant_marginal():
+    # Euler-Maruyama of dx = −x/(1−t) dt + sqrt(2t/(1−t)) dw from a point: mean (1−t) x0, std t
+    process, gen = FlowProcess(), torch.Generator().manual_seed(0)
+    n, steps, t_end = 10000, 400, 0.6
+    x0 = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    x, dt = x0.repeat(n, 1), t_end / steps
+    for i in range(steps):
+        t = torch.full((n,), i * dt, dtype=torch.float64)
+        noise = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        x = x + process.drift(x, t) * dt + process.diffusion(t)[:, None] * math.sqrt(dt) * noise
+    torch.testing.assert_close(x.mean(0), (1 - t_end) * x0, atol=5 * t_end / math.sqrt(n) + 0.01, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), t_end, dtype=torch.float64),
+                               atol=5 * t_end / math.sqrt(2 * n) + 0.02 * t_end, rtol=0)
+
+
+def test_t_sampling_moments():
+    n, gen = 100000, torch.Generator().manual_seed(0)
+    t = sample_t(n, "uniform", generator=gen)
+    assert t.min() >= 0 and t.max() <= 1 and abs(t.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    loc, scale = 0.5, 0.8
+    t = sample_t(n, "logit_normal", loc, scale, generator=gen, dtype=torch.float64)
+    logit = torch.log(t) - torch.log1p(-t)
+    assert abs(logit.mean().item() - loc) < 5 * scale / math.sqrt(n)
+    assert abs(logit.std().item() - scale) < 5 * scale / math.sqrt(2 * n)
+    with pytest.raises(ValueError, match="uniform, logit_normal"):
+        sample_t(4, "beta")
+    with pytest.raises(ValueError, match="scale"):
+        sample_t(4, "logit_normal", scale=0.0)
+
+
+def test_flow_loss_with_the_exact_velocity_of_gaussian_data():
+    # data N(0, s²): E[eps − x0 | x_t] = c x_t, c = (t − (1−t) s²)/((1−t)² s² + t²), and the loss is
+    # the conditional variance 1 + s² − (t − (1−t) s²)² / ((1−t)² s² + t²) per dimension
+    s, t0, n = 0.6, 0.35, 200000
+    var_t = (1 - t0) ** 2 * s**2 + t0**2
+    c = (t0 - (1 - t0) * s**2) / var_t
+    x0 = s * torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.full((n,), t0, dtype=torch.float64)
+    loss = flow_loss(lambda x, t: c * x, x0, t=t, generator=torch.Generator().manual_seed(1)).item()
+    expected = 1 + s**2 - (t0 - (1 - t0) * s**2) ** 2 / var_t
+    assert abs(loss - expected) < 5 * math.sqrt(2 / n) * expected
+    # and a model off by a constant pays its square on top (same noise draws)
+    shifted = flow_loss(lambda x, t: c * x + 0.3, x0, t=t, generator=torch.Generator().manual_seed(1)).item()
+    assert abs(shifted - (loss + 0.09)) < 0.01
+
+
+def test_flow_loss_draws_t_in_range():
+    seen = []
+    flow_loss(lambda x, t: seen.append(t) or torch.zeros_like(x), torch.randn(64, 2), t_sampling="logit_normal",
+              generator=torch.Generator().manual_seed(0))
+    assert seen[0].shape == (64,) and 0 < seen[0].min() and seen[0].max() < 1
+
+
+def test_flow_sampler_matches_the_adaptive_solution_and_checks_its_input():
+    process = FlowProcess()
+    den = mixture_denoiser(MIX64, process, "velocity")
+    x1 = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = pf_ode_solve(den, process, x1, t_start=1.0, t_end=0.0, method="rk45", rtol=1e-9, atol=1e-9,
+                         progress=False).x
+    errors = {m: (flow_sample(den, x_init=x1, steps=50, method=m, dtype=torch.float64, progress=False).x - exact)
+              .norm(dim=1).mean().item() for m in ("euler", "heun")}
+    assert errors["heun"] < errors["euler"] / 10 and errors["heun"] < 1e-3
+    # a plain velocity function works too
+    plain = flow_sample(lambda x, t: den.fn(x, t), x_init=x1, steps=50, method="heun", dtype=torch.float64,
+                        progress=False).x
+    assert (plain - exact).norm(dim=1).mean().item() < 1e-3
+    with pytest.raises(ValueError, match="euler, heun, rk45"):
+        flow_sample(den, (4, 2), method="midpoint")
+    with pytest.raises(ValueError, match="steps"):
+        flow_sample(den, (4, 2), steps=0)
+
+
+def test_flow_model_drives_edm_and_dpm_solver():
+    # EDM and DPM-Solver++ start at sigma/alpha = 80, i.e. t0 = 80/81 for the flow
+    process = FlowProcess()
+    den = mixture_denoiser(MIX64, process, "velocity")
+    t0 = 80 / 81
+    x_start = t0 * torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def exact(t_end):
+        return pf_ode_solve(den, process, x_start, t_start=t0, t_end=t_end, method="rk45", rtol=1e-9, atol=1e-9,
+                            progress=False).x
+
+    edm = edm_sample(den, process, x_init=x_start, steps=400, sigma_min=1e-3, dtype=torch.float64,
+                     progress=False).x
+    assert (edm - exact(0.0)).norm(dim=1).mean() < 5e-4
+    dpm = dpm_solver_pp(den, process, x_init=x_start, steps=400, dtype=torch.float64, progress=False).x
+    assert (dpm - exact(process.t_eps)).norm(dim=1).mean() < 5e-4
+
+
+def test_score_model_on_the_flow_needs_t_below_one():
+    process = FlowProcess()
+    den = Denoiser(mixture_denoiser(MIX64, process, "score").fn, "score", process)
+    with pytest.raises(ValueError, match="NaN or inf at step 0 .*keep t inside"):
+        pf_ode_solve(den, process, torch.randn(4, 2, dtype=torch.float64), t_start=1.0, t_end=0.5,
+                     method="euler", steps=4, progress=False)
