@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from minidit import parameterization
+from minidit.guidance import cfg_predict
 from minidit.sde import SDE, per_sample
 
 KINDS = ("score", "eps", "x0", "v", "velocity")
@@ -76,15 +77,7 @@ def guided(fn: Callable[..., Tensor], y: Tensor | None = None, cfg_scale: float 
     if null_label is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs null_label, the id of the 'no label' class")
 
-    def f(x: Tensor, t: Tensor) -> Tensor:
-        y_both = torch.cat([y, torch.full_like(y, int(null_label))])  # [2B]: labels, then null
-        out = fn(torch.cat([x, x]), torch.cat([t, t]), y_both)  # one call on [2B, ...]
-        if out.shape[0] != 2 * x.shape[0]:
-            return out  # wrong shape: the Denoiser's check reports it
-        cond, uncond = out.chunk(2)  # [B, ...] each
-        return uncond + cfg_scale * (cond - uncond)
-
-    return f
+    return lambda x, t: cfg_predict(fn, x, t, y, cfg_scale, null_label)  # one call on [2B, ...]
 
 
 class Denoiser:

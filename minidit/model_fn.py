@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from minidit.denoisers import Denoiser
+from minidit.schedules import index_of_log_snr
 from minidit.sde import SDE, per_sample
 
 
@@ -57,25 +58,8 @@ def network_fn(model: nn.Module, time_scale: float = 1000.0,
 
 
 def discrete_index(alpha_bar: Tensor, log_snr: Tensor) -> Tensor:
-    """The fractional index in [0, T-1] where the table's log-SNR equals `log_snr`.
-
-    Args:
-        alpha_bar: ᾱ_i, a float64 table [T], decreasing.
-        log_snr: target log(alpha²/sigma²) values, any shape.
-
-    Returns:
-        float64 indices of log_snr's shape, linear between integer steps, clamped to [0, T-1].
-    """
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
-    neg_table = -(alpha_bar.log() - torch.log1p(-alpha_bar))  # [T], increasing in i
-    target = -torch.as_tensor(log_snr, dtype=torch.float64).cpu()
-    T = neg_table.numel()
-    if T == 1:
-        return torch.zeros_like(target)
-    hi = torch.searchsorted(neg_table, target.contiguous()).clamp(1, T - 1)  # first entry >= target
-    lo = hi - 1
-    w = (target - neg_table[lo]) / (neg_table[hi] - neg_table[lo])
-    return (lo + w).clamp(0, T - 1)
+    """The fractional DDPM index whose log-SNR equals `log_snr` (see `schedules.index_of_log_snr`)."""
+    return index_of_log_snr(alpha_bar, log_snr)
 
 
 def ddpm_network_fn(model: nn.Module, alpha_bar: Tensor, process: SDE, learned_sigma: bool = False,

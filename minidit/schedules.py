@@ -46,6 +46,31 @@ def _check_name(name: str) -> str:
 # ----------------------------------------------------------------------------------
 
 
+def index_of_log_snr(alpha_bar: Tensor, log_snr: Tensor) -> Tensor:
+    """The fractional index in [0, T-1] where a discrete table's log-SNR equals `log_snr`.
+
+    log-SNR_i = log(ᾱ_i / (1 - ᾱ_i)) decreases with i, so the index is found by binary search
+    and linear interpolation between the two neighbouring integer steps.
+
+    Args:
+        alpha_bar: ᾱ_i, a float64 table [T], decreasing.
+        log_snr: target log(alpha²/sigma²) values, any shape.
+
+    Returns:
+        float64 indices of log_snr's shape, clamped to [0, T-1].
+    """
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
+    neg_table = -(alpha_bar.log() - torch.log1p(-alpha_bar))  # [T], increasing in i
+    target = -torch.as_tensor(log_snr, dtype=torch.float64).cpu()
+    T = neg_table.numel()
+    if T == 1:
+        return torch.zeros_like(target)
+    hi = torch.searchsorted(neg_table, target.contiguous()).clamp(1, T - 1)  # first entry >= target
+    lo = hi - 1
+    w = (target - neg_table[lo]) / (neg_table[hi] - neg_table[lo])
+    return (lo + w).clamp(0, T - 1)
+
+
 @dataclass(frozen=True)
 class ContinuousSchedule:
     """ᾱ(t), alpha(t), sigma(t), log-SNR λ(t) and β(t) for continuous t in [0, 1].
@@ -226,14 +251,7 @@ class DiscreteSchedule:
 
     def log_snr_to_index(self, log_snr: Tensor) -> Tensor:
         """Inverse of `index_to_log_snr`: fractional index in [0, T-1] (clamped)."""
-        neg_table = -self.log_snr(torch.arange(self.T))  # [T], increasing
-        target = -torch.as_tensor(log_snr, dtype=torch.float64)
-        hi = torch.searchsorted(neg_table, target.contiguous()).clamp(1, max(self.T - 1, 1))
-        lo = hi - 1
-        if self.T == 1:
-            return torch.zeros_like(target)
-        w = (target - neg_table[lo]) / (neg_table[hi] - neg_table[lo])
-        return (lo + w).clamp(0, self.T - 1)
+        return index_of_log_snr(self.alpha_bar, log_snr)
 
     def t_to_index(self, t: Tensor | float) -> Tensor:
         """Continuous t in [0, 1] -> fractional index with the same log-SNR (float64)."""
