@@ -206,7 +206,7 @@ def draw(sampler: Sampler, labels: Tensor, image_shape: tuple[int, int, int], *,
 
     Returns:
         {"images": float32 [n, C, H, W] on the CPU, clipped to [−1, 1], "labels": [n],
-         "nfe": network calls per sample (mean over batches), "seconds": wall time}.
+            "nfe": network calls per sample (mean over batches), "seconds": wall time}.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -32,7 +32,7 @@ from minidit.sde import SDE, per_sample
 
 
 def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """σ_0 > ... > σ_{N−1} = sigma_min, then σ_N = 0: float64 [steps + 1] [EDM, Eq. 5]."""
+    """σ_0 > ... > σ_{N−1} = sigma_min, then σ_N = 0: float64 [steps + 1]; see [EDM, Eq. 5]."""
     check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

@@ -250,7 +250,7 @@ def evaluate_samples(
 
     Returns:
         {"fd": MNIST-classifier FD of the samples, "fd_floor": real-vs-real FD at the same n,
-         "accuracy": classifier accuracy against `labels` (None without labels), "n": n}.
+            "accuracy": classifier accuracy against `labels` (None without labels), "n": n}.
     """
     if dataset not in EVAL_DATASETS:
         raise ValueError(f"dataset must be one of {EVAL_DATASETS}, got {dataset!r}")

@@ -296,7 +296,7 @@ def dsm_loss(
     reduce: str = "mean",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Denoising score matching loss, t ~ U[t_eps, 1] [SDE, Eq. 7].
+    """Denoising score matching loss, t ~ U[t_eps, 1]; see [SDE, Eq. 7].
 
     Args:
         model: `model(x_t, t)` -> [B, ...], a score (prediction="score") or a noise
