@@ -109,6 +109,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     # 1. write into a temporary file beside the target (same file system, so rename is atomic)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the user's usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -120,6 +121,13 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)  # 4. make the rename itself durable
     return path
+
+
+def file_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder: Path) -> None:

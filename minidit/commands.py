@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minidit import flow, plotting, samplers
+from minidit.checkpoint import file_mode
 from minidit.ddim import ddim_sample
 from minidit.denoisers import Denoiser, SampleResult
 from minidit.model_fn import ddpm_network_fn, network_denoiser, network_fn
@@ -321,6 +322,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except OSError as err:
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minidit import commands
-from minidit.checkpoint import load_checkpoint
+from minidit.checkpoint import file_mode, load_checkpoint
 from minidit.cli import main, resolve_config
 from minidit.train import make_model, make_objective
 
@@ -144,6 +144,8 @@ def test_sample_png_and_given_labels_and_seed(runs, tmp_path):
     assert a["labels"].tolist() == [3, 7, 3, 7, 3]
     np.testing.assert_array_equal(a["images"], b["images"])  # same seed, same samples
     assert not np.array_equal(a["images"], c["images"])
+    for written in (tmp_path / "g.png", tmp_path / "a.npz", ckpt):  # not mkstemp's 0600
+        assert written.stat().st_mode & 0o777 == file_mode(), written
 
 
 @pytest.mark.parametrize("args, expected", [
