@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default=None, help="write the result line to this markdown file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,9 +111,17 @@ def main() -> None:
     run = train_vit_classifier(model, train_x, train_y, args.minutes, args.batch_size, args.lr,
                                seed=args.seed)
     acc = accuracy(model, test_x, test_y)
-    print(f"{args.config}: test accuracy {100 * acc:.2f}% after {run['steps']} steps "
-          f"({run['epochs']:.1f} epochs) in {run['seconds'] / 60:.1f} min, "
-          f"{torch.get_num_threads()} threads")
+    line = (f"{args.config}: test accuracy {100 * acc:.2f}% after {run['steps']} steps "
+            f"({run['epochs']:.1f} epochs) in {run['seconds'] / 60:.1f} min, "
+            f"{torch.get_num_threads()} threads")
+    print(line)
+    if args.results:
+        device = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        Path(args.results).write_text(
+            "# ViT classifier on MNIST, fixed wall-clock budget\n\n"
+            f"{line}.\n\nDevice: {device}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.\n\n"
+            f"Command: `python benchmarks/vit_mnist.py --minutes {args.minutes:g} --config {args.config} "
+            f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed}`\n")
 
 
 if __name__ == "__main__":
