@@ -127,8 +127,10 @@ def make_sampler(objective: Objective, model: nn.Module, name: str | None = None
         steps = objective.sample_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-    cfg_scale = float(objective.cfg_scale if cfg_scale is None else cfg_scale)
     null_label = objective.null_label
+    if cfg_scale is None:  # the objective's default; an unconditional model has nothing to guide
+        cfg_scale = objective.cfg_scale if null_label is not None else 1.0
+    cfg_scale = float(cfg_scale)
     if cfg_scale != 1.0 and null_label is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional checkpoint; use cfg_scale=1")
     device = next(model.parameters()).device

@@ -16,13 +16,13 @@ import torch
 from minidit import commands
 from minidit.checkpoint import file_mode, load_checkpoint
 from minidit.cli import main, resolve_config
-from minidit.train import make_model, make_objective
+from minidit.train import PRESETS, make_model, make_objective
 
 TINY = ["model=mlp", "dataset=synthetic", "dataset_size=64", "batch_size=16", "model_overrides.hidden=16",
         "log_every=5", "sample_every=0", "checkpoint_every=0", "lr=1e-3"]
-OBJECTIVES = {"ddpm": ["objective.T=50", "objective.sample_steps=4"],
-              "sde": ["objective.kind=sde", "objective.sample_steps=4"],
-              "flow": ["objective.kind=flow", "objective.sample_steps=4"]}
+OBJECTIVES = {"ddpm": ['objective={"kind": "ddpm", "T": 50, "sample_steps": 4}'],
+              "sde": ['objective={"kind": "sde", "sample_steps": 4}'],
+              "flow": ['objective={"kind": "flow", "sample_steps": 4}']}
 STEPS = 10  # tiny training runs
 
 
@@ -86,7 +86,7 @@ def test_overrides_are_converted_to_the_field_types():
     assert config.steps == 1000 and isinstance(config.steps, int)
     assert config.lr == 0.002 and config.cosine is False and config.grad_clip is None
     assert config.betas == (0.9, 0.95) and config.dataset_size == 100
-    assert config.objective == {"kind": "flow", "cfg_scale": 2}
+    assert config.objective == {**PRESETS["mnist-cpu"].objective, "kind": "flow", "cfg_scale": 2}
     assert config.model_overrides == {"depth": 2}
 
 
@@ -265,7 +265,7 @@ def test_guidance_scale_0_is_the_null_label_and_1_the_label(runs, kind, name):
 
 
 def test_default_sampling_comes_from_the_objective():
-    config = resolve_config("mnist-cpu", [*TINY, "objective.sampler=ddpm", "objective.cfg_scale=3"])
+    config = resolve_config("mnist-cpu", [*TINY, 'objective={"kind": "ddpm", "sampler": "ddpm", "cfg_scale": 3}'])
     objective = make_objective(config)
     assert commands.default_sampling(objective) == {"sampler": "ddpm", "steps": None, "cfg_scale": 3.0}
     sampler = commands.make_sampler(objective, make_model(config))
@@ -275,7 +275,9 @@ def test_default_sampling_comes_from_the_objective():
 def test_guidance_needs_a_conditional_model():
     config = resolve_config("mnist-cpu", [*TINY, "class_conditional=false"])
     with pytest.raises(ValueError, match="class-conditional"):
-        commands.make_sampler(make_objective(config), make_model(config), "ddim", 2, cfg_scale=2.0)
+        commands.make_sampler(make_objective(config), make_model(config), "euler", 2, cfg_scale=2.0)
+    # the preset's own guidance scale does not apply to an unconditional model
+    assert commands.make_sampler(make_objective(config), make_model(config), "euler", 2).cfg_scale == 1.0
     assert commands.class_labels(3, 0).tolist() == [-1, -1, -1]
     with pytest.raises(ValueError, match="unconditional"):
         commands.class_labels(3, 0, [1])
