@@ -1,4 +1,4 @@
-"""Shared fixtures: the real dataset root, for the tests that need real MNIST."""
+"""Shared fixtures: the real dataset root, and one torch thread for every test."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -15,3 +16,13 @@ def mnist_root() -> Path:
     if not root:
         pytest.skip("real MNIST needed: set MINIDIT_DATA to the dataset root (CI sets it to shared/data)")
     return Path(root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every test runs on one torch thread: the tests push small tensors through long loops,
+    where extra threads only add waiting, and on a shared 2-core machine they oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

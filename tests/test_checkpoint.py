@@ -25,10 +25,7 @@ def _state(value: float) -> dict:
 def trained(tmp_path_factory):
     """A finished tiny run: (out_dir, summary)."""
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     summary = train(tiny_config(out, steps=6), progress=False)
-    torch.set_num_threads(threads)
     return out, summary
 
 

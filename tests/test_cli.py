@@ -26,15 +26,6 @@ OBJECTIVES = {"ddpm": ['objective={"kind": "ddpm", "T": 50, "sample_steps": 4}']
 STEPS = 10  # tiny training runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine waiting for them dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One trained tiny run per objective kind, made through `minidit train`."""

@@ -18,14 +18,6 @@ COV = torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)
 EYE = torch.eye(2, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _exact_law(schedule, taus: list[int], eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of DDIM's output for N(MU, COV) data and the exact predictor.
 

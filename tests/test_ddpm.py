@@ -18,15 +18,6 @@ MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 COV = torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tests push tiny tensors through 1000-step loops; extra threads only add overhead
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_q_sample_matches_iterating_the_one_step_kernel():
     # x_s = sqrt(α_s)·x_{s−1} + sqrt(β_s)·z, iterated; moments within 4 standard errors of
     # the closed form N(sqrt(ᾱ_t)·x0, 1 − ᾱ_t) and of q_sample's own draws

@@ -16,15 +16,6 @@ from minidit.ode import pf_ode_solve
 from minidit.toy import GaussianMixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny 2-D tensors: one intra-op thread avoids OpenMP's overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MIX64 = GaussianMixture(torch.tensor([0.4, 0.6]), torch.tensor([[-1.5, 0.5], [1.0, -1.0]]),
                         torch.tensor([0.4, 0.6])).to(dtype=torch.float64)
 

@@ -20,14 +20,6 @@ WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
 NULL = 3  # the mixture's null label
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class CountingNet(nn.Module):
     """A small random conditional network that records the batch size of every call."""
 

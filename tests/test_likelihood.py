@@ -14,15 +14,6 @@ from minidit.sde import SubVPSDE, VESDE, VPSDE
 from minidit.toy import GaussianMixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny 2-D tensors: one intra-op thread avoids OpenMP's overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 T_EPS = 1e-5
 GAUSS = GaussianMixture(torch.ones(1), torch.tensor([[0.5, -1.0, 0.3]]),
                         torch.tensor([[0.8, 0.5, 1.2]])).to(dtype=torch.float64)

@@ -24,15 +24,6 @@ from minidit.sde import SubVPSDE, VESDE, VPSDE
 from minidit.toy import GaussianMixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny 2-D tensors: one intra-op thread avoids OpenMP's overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 N = 4000
 MIX = GaussianMixture(torch.tensor([0.3, 0.5, 0.2]), torch.tensor([[-2.0, 0.0], [1.5, 1.0], [0.5, -1.5]]),
                       torch.tensor([0.5, 0.3, 0.4]))

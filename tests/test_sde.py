@@ -14,15 +14,6 @@ from minidit.sde import SDE, SubVPSDE, VESDE, VPSDE, dsm_loss, make_sde
 from minidit.toy import GaussianMixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny 2-D tensors: one intra-op thread avoids OpenMP's overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROCESSES = [VPSDE(), SubVPSDE(), VESDE(), VESDE(sigma_min=0.05, sigma_max=10.0), FlowProcess()]
 IDS = ["vp", "subvp", "ve", "ve-small", "flow"]
 

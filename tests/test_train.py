@@ -24,15 +24,6 @@ from minidit.train import (PRESETS, NonFiniteLossError, TrainConfig, autocast_fo
 WORKER = Path(__file__).with_name("_train_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same_state(a: dict, b: dict, exact: bool = True, **tol) -> None:
     assert a.keys() == b.keys()
     for k in a:
