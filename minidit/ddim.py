@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from minidit.ddpm import GaussianDiffusion, model_device_dtype, gaussian_noise
+from minidit.ddpm import GaussianDiffusion, initial_noise, model_device_dtype, gaussian_noise
 from minidit.guidance import Inpainting
 
 SPACINGS = ("uniform", "quadratic")
@@ -116,9 +116,7 @@ def ddim_sample(
         raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
     taus = _resolve(diffusion, steps, spacing, timesteps).tolist()
     device, dtype = model_device_dtype(model)
-    x = gaussian_noise(tuple(shape), device, dtype, generator) if x_T is None else x_T.to(device, dtype)
-    if x.shape != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x.shape)}, expected shape {tuple(shape)}")
+    x = initial_noise(shape, device, dtype, generator, x_T)
     y = y.to(device) if y is not None else None
     trajectory = [x.cpu()] if return_trajectory else None
     levels = list(zip(taus[::-1], [*taus[-2::-1], -1]))  # (t, t') pairs, from noise to data

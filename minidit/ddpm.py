@@ -44,6 +44,15 @@ def gaussian_noise(
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
+def initial_noise(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype,
+                  generator: torch.Generator | None = None, x_T: Tensor | None = None) -> Tensor:
+    """The sampler's start x_T ~ N(0, I) of `shape`, or the given `x_T` (checked against it)."""
+    x = gaussian_noise(tuple(shape), device, dtype, generator) if x_T is None else x_T.to(device, dtype)
+    if x.shape != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x.shape)}, expected shape {tuple(shape)}")
+    return x
+
+
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of the model's first float parameter or buffer (else CPU float32)."""
     tensors = [*model.parameters(), *model.buffers()] if isinstance(model, nn.Module) else []
@@ -262,9 +271,7 @@ class GaussianDiffusion:
         check_kind(variance, "variance", VARIANCES)
         device, dtype = model_device_dtype(model)
         # 1. x_T ~ N(0, I)
-        x = gaussian_noise(tuple(shape), device, dtype, generator) if x_T is None else x_T.to(device, dtype)
-        if x.shape != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x.shape)}, expected shape {tuple(shape)}")
+        x = initial_noise(shape, device, dtype, generator, x_T)
         y = y.to(device) if y is not None else None
         trajectory = [x.cpu()] if return_trajectory else None
         for step in tqdm(range(self.T - 1, -1, -1), disable=not progress, desc="DDPM"):
