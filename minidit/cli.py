@@ -38,7 +38,7 @@ def _subcommands():
     """The `add_parser` functions of the modules that provide subcommands."""
     registers = [add_train_parser, add_sample_parser, add_eval_parser]
     from minidit import flops; registers.append(flops.add_parser)  # noqa: E702
-    from minidit import exercises; registers.append(exercises.add_parser)  # noqa: E702
+    from minidit import notebooks; registers.append(notebooks.add_parser)  # noqa: E702
     return registers
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minidit import exercises as ex
+from minidit import notebooks as nbtools
 from minidit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,13 +152,13 @@ SOLUTION_CELL = ("def f(x):\n"
 
 
 def test_strip_solutions_keeps_signature_and_indentation():
-    out = ex.strip_solutions(SOLUTION_CELL)
+    out = nbtools.strip_solutions(SOLUTION_CELL)
     assert out == ("def f(x):\n    \"\"\"Doubles.\"\"\"\n    # YOUR CODE HERE\n    raise NotImplementedError()\n"
                    "\nprint(f)")
-    assert ex.strip_solutions("### BEGIN SOLUTION\nanswer\n### END SOLUTION", "markdown") == "YOUR ANSWER HERE"
+    assert nbtools.strip_solutions("### BEGIN SOLUTION\nanswer\n### END SOLUTION", "markdown") == "YOUR ANSWER HERE"
     for bad in ["### BEGIN SOLUTION\nx = 1", "x = 1\n### END SOLUTION", "### BEGIN SOLUTION\n### BEGIN SOLUTION"]:
         with pytest.raises(ValueError, match="SOLUTION"):
-            ex.strip_solutions(bad)
+            nbtools.strip_solutions(bad)
 
 
 def test_generate_writes_student_notebooks_and_check_detects_staleness(tmp_path, capsys):
@@ -199,11 +200,11 @@ def test_committed_notebooks_are_clean_and_student_versions_up_to_date():
     tutorials = REPO / "tutorials"
     notebooks = sorted(tutorials.glob("*.ipynb"))
     assert notebooks, "no tutorial notebooks found"
-    assert ex.clean(notebooks, check=True) == []
-    assert ex.generate(tutorials, tutorials / "student", check=True) == [], \
+    assert nbtools.clean(notebooks, check=True) == []
+    assert nbtools.generate(tutorials, tutorials / "student", check=True) == [], \
         "run: minidit exercises generate tutorials/ --out tutorials/student/"
     for path in notebooks:  # every exercise has a graded check right after it
         sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"]]
         for i, src in enumerate(sources):
-            if ex.BEGIN in src:
+            if nbtools.BEGIN in src:
                 assert "check_" in sources[i + 1], f"{path.name}: cell {i + 1} should grade cell {i}"
