@@ -270,6 +270,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     Returns:
         (model, ema_model, objective, config): the live and the EMA network (eval mode, on
         `device`), the `Objective` and the `TrainConfig` the run was trained with.
+
+    Raises:
+        CheckpointError: the file is unreadable or does not fit its model; for a latent model
+            (`minidit.latent`), its autoencoder checkpoint is missing or not the one it was
+            trained with (the message says how to get it back).
     """
     from minidit.train import TrainConfig, make_model, make_objective  # train.py imports this module
 

@@ -8,6 +8,9 @@ be read or written, or a training run that failed.
     minidit train --preset mnist-cpu [--out DIR] [--steps N | --minutes M] [key=value ...]
     minidit sample --ckpt runs/mnist-cpu/latest.pt --n 100 --out samples.png
     minidit eval --ckpt runs/mnist-cpu/latest.pt --n 1000 [--sampler NAME --steps K --cfg S]
+
+Latent diffusion: `minidit train --preset mnist-ae-cpu` (the autoencoder; `eval` scores its
+reconstructions), then `minidit train --preset mnist-latent-cpu`; sample and eval decode.
 """
 
 from __future__ import annotations
@@ -311,8 +314,11 @@ def _describe(result: dict) -> str:
 
 
 def format_eval(result: dict) -> str:
-    """One line of `commands.evaluate_model`'s scores."""
+    """One line of `commands.evaluate_model`'s scores (an autoencoder's: its reconstructions')."""
     accuracy = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.1f}%"
+    if "psnr" in result:
+        fd = "n/a" if result["fd"] is None else f"{result['fd']:.3f} (floor {result['fd_floor']:.3f})"
+        return f"reconstructions: PSNR {result['psnr']:.2f} dB, FD {fd}, accuracy {accuracy}, n {result['n']}"
     return (f"FD {result['fd']:.3f} (real-vs-real floor {result['fd_floor']:.3f}), accuracy {accuracy}, "
             f"n {result['n']} | {_describe(result)}")
 

@@ -9,6 +9,7 @@ One trained network drives many samplers. Which ones depends on what the objecti
     flow   "euler", "heun", "rk45" on dx/dt = v_θ(x, t) from t = 1 to 0 (`minidit.flow`), and
            the deterministic samplers (PF-ODE, EDM, DPM-Solver++) on `FlowProcess`; the
            stochastic ones are left out, since the flow's SDE is singular at t = 1
+    latent those of its inner objective, on latents that are then decoded (`minidit.latent`)
 
 `make_sampler` holds that mapping, in this one place. NFE counts network calls per sample
 (a classifier-free-guided pair is one batched call): DDIM and Euler N, Heun 2N, EDM 2N − 1,
@@ -57,6 +58,8 @@ class OutputError(RuntimeError):
 
 def sampler_names(objective: Objective) -> tuple[str, ...]:
     """The samplers that `objective`'s network can drive (see the module docstring)."""
+    if objective.kind in ("latent", "autoencoder"):  # a latent model samples as its inner objective
+        return sampler_names(objective.inner_objective) if objective.kind == "latent" else ("prior",)
     continuous = tuple(samplers.SAMPLERS)
     if objective.kind == "ddpm":
         return DISCRETE + continuous
@@ -114,6 +117,9 @@ def make_sampler(objective: Objective, model: nn.Module, name: str | None = None
     Raises:
         ValueError: the objective cannot drive `name`, or steps / cfg_scale are invalid.
     """
+    if objective.kind in ("latent", "autoencoder"):  # sample latents with the inner objective, then decode
+        from minidit.latent import decoding_sampler
+        return decoding_sampler(objective, model, name, steps, cfg_scale, progress=progress, **options)
     default = default_sampling(objective)
     name = default["sampler"] if name is None else _canonical(name)
     valid = sampler_names(objective)
@@ -262,10 +268,15 @@ def evaluate_model(model: nn.Module, objective: Objective, config, n: int = 1000
         sampling: the keyword arguments of `sample_model` (sampler, steps, cfg_scale, seed, ...).
 
     Returns:
-        {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "cfg_scale", "nfe", "seconds"}.
+        {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "cfg_scale", "nfe", "seconds"}; for
+        an autoencoder, its reconstructions' {"psnr", "mse", "fd", "fd_floor", "accuracy", "n"}.
     """
     from minidit.metrics import EVAL_DATASETS, evaluate_samples
 
+    if objective.kind == "autoencoder":  # an autoencoder is scored on its round trip x -> D(E(x))
+        from minidit.autoencoder import evaluate_reconstructions
+        scores = evaluate_reconstructions(model, config.dataset, n, root=config.data_root, progress=progress)
+        return {k: v for k, v in scores.items() if k not in ("images", "reconstructions")}
     if config.dataset not in EVAL_DATASETS:
         raise ValueError(f"evaluation needs a checkpoint trained on one of {list(EVAL_DATASETS)} "
                          f"(the datasets with a feature network), not {config.dataset!r}")

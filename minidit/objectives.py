@@ -10,6 +10,9 @@ sample its model. Each one is a thin adapter over the module that implements the
            (minidit.sde VP / sub-VP / VE; samples with any sampler of minidit.samplers)
     flow   L = ‖v_θ(x_t, t, y) − (ε − x0)‖²,  x_t = (1 − t) x0 + t ε          [FM, Eq. 23]
            (minidit.flow; samples by integrating dx/dt = v_θ from t = 1 to 0)
+    latent any of the above on z0 = s · E(x0), a frozen autoencoder's latents  [LDM]
+           (minidit.latent; samples latents, then decodes them)
+    autoencoder  the autoencoder itself: (‖x0 − D(z)‖² + β KL) / D, t = 0   (minidit.autoencoder)
 
 Continuous-time networks read 1000·t (`minidit.model_fn.network_fn`), the range of
 DDPM's integer steps. Time reported for the plots is t ∈ [0, 1] (0 = data), and
@@ -27,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from minidit import flow, samplers
+from minidit.autoencoder import AutoencoderObjective
 from minidit.ddim import ddim_sample
 from minidit.ddpm import GaussianDiffusion
+from minidit.latent import LatentObjective
 from minidit.model_fn import network_denoiser, network_fn
 from minidit.schedules import make_schedule
 from minidit.sde import make_sde, per_sample
@@ -211,7 +216,8 @@ class FlowObjective:
                                 progress=False).x
 
 
-OBJECTIVES = {"ddpm": DDPMObjective, "sde": SDEObjective, "flow": FlowObjective}
+OBJECTIVES = {"ddpm": DDPMObjective, "sde": SDEObjective, "flow": FlowObjective,
+              "latent": LatentObjective, "autoencoder": AutoencoderObjective}
 
 
 def objective_from_config(config: dict) -> Objective:

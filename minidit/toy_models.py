@@ -13,7 +13,8 @@ then an MLP maps emb(t) to the width D and adds it to every residual block:
 t may be an integer timestep (DDPM/DDIM) or a float (a fractional index, or continuous t
 scaled by `t_scale`), so the same network serves discrete and continuous samplers.
 Call it as `model(x, t)` or, when built with `num_classes`, `model(x, t, y)`; the label
-`num_classes` is the null label used by classifier-free guidance.
+`num_classes` is the null label used by classifier-free guidance. `TinyMLP`, an even
+smaller denoiser of whole images, stands in for the DiT in tests of the training loop.
 """
 
 from __future__ import annotations
@@ -89,3 +90,23 @@ class ToyDenoiser(nn.Module):
         for block in self.blocks:
             h = h + block(h + e)
         return self.out(h)
+
+
+class TinyMLP(nn.Module):
+    """A small MLP denoiser for tests and toys: x [B, C, H, W], t [B], y [B] -> [B, C, H, W].
+
+    t enters as t / 1000 (a step 0..T-1 or 1000·t); y = None reads as the null label.
+    """
+
+    def __init__(self, in_channels: int, input_size: int, num_classes: int = 0, hidden: int = 64):
+        super().__init__()
+        D = in_channels * input_size * input_size
+        self.num_classes, self.x_in, self.t_in = num_classes, nn.Linear(D, hidden), nn.Linear(1, hidden)
+        self.y_in = nn.Embedding(num_classes + 1, hidden)  # the last row is the null label
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, D))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        y = torch.full((B,), self.num_classes, device=x.device) if y is None else y
+        h = self.x_in(x.reshape(B, C * H * W)) + self.t_in(t.float()[:, None] / 1000) + self.y_in(y)
+        return self.out(h).reshape(B, C, H, W)  # [B, CHW] -> [B, C, H, W]

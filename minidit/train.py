@@ -35,9 +35,12 @@ from tqdm.auto import tqdm
 
 from minidit import checkpoint as ckpt
 from minidit import data, plotting
+from minidit.autoencoder import AUTOENCODER_BUILDERS
 from minidit.device import get_device, seed_everything
 from minidit.ema import EMA
+from minidit.latent import latent_input_shape, resolve_config
 from minidit.objectives import Objective, objective_from_config
+from minidit.toy_models import TinyMLP  # noqa: F401  (its old home; tests import it from here)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -124,6 +127,12 @@ _CPU = dict(model="dit-mnist-cpu", dataset="mnist", batch_size=32, lr=2e-3, warm
             steps=5000, minutes=10.0, ema_decay=0.998, log_every=50, sample_every=1000, checkpoint_every=500)
 _GPU = dict(batch_size=256, lr=2e-4, warmup_steps=1000, cosine=True, ema_decay=0.9999,
             sample_every=5000, checkpoint_every=5000)
+# Latent diffusion [LDM]: an autoencoder (labels unused), then a DiT on its latents (patch 1: 49 / 64 tokens)
+_AE = dict(objective={"kind": "autoencoder", "beta": 1e-3}, class_conditional=False, n_samples=16)
+_MNIST_Z = {"kind": "latent", "autoencoder": "runs/mnist-ae-cpu/latest.pt", "autoencoder_preset": "mnist-ae-cpu",
+            "latent_shape": [4, 7, 7], "inner": _FLOW}
+_CIFAR_Z = {"kind": "latent", "autoencoder": "runs/cifar10-ae-gpu/latest.pt", "autoencoder_preset": "cifar10-ae-gpu",
+            "latent_shape": [4, 8, 8], "inner": {**_FLOW, "sample_steps": 50, "cfg_scale": 2.0}}
 PRESETS: dict[str, TrainConfig] = {
     "mnist-cpu": TrainConfig(objective=_FLOW, **_CPU, out_dir="runs/mnist-cpu"),
     "mnist-ddpm-cpu": TrainConfig(objective={"kind": "ddpm", "schedule": "cosine", "prediction": "v",
@@ -133,33 +142,22 @@ PRESETS: dict[str, TrainConfig] = {
                              out_dir="runs/mnist-gpu"),
     "cifar10-gpu": TrainConfig(model="dit-cifar10-gpu", objective={**_FLOW, "sample_steps": 50, "cfg_scale": 2.0},
                                dataset="cifar10", hflip=True, steps=100_000, **_GPU, out_dir="runs/cifar10-gpu"),
+    "mnist-ae-cpu": TrainConfig(**_AE, **{**_CPU, "model": "ae-mnist", "steps": 2500, "minutes": 4.0, "lr": 1e-3},
+                                out_dir="runs/mnist-ae-cpu"),
+    "mnist-latent-cpu": TrainConfig(**_CPU, model_overrides={"patch_size": 1}, objective=_MNIST_Z,
+                                    out_dir="runs/mnist-latent-cpu"),
+    "cifar10-ae-gpu": TrainConfig(model="ae-cifar10", **_AE, dataset="cifar10", hflip=True, steps=20_000,
+                                  **{**_GPU, "batch_size": 128}, out_dir="runs/cifar10-ae-gpu"),
+    "cifar10-latent-gpu": TrainConfig(model="dit-cifar10-gpu", model_overrides={"patch_size": 1}, objective=_CIFAR_Z,
+                                      dataset="cifar10", hflip=True, steps=100_000, **_GPU,
+                                      out_dir="runs/cifar10-latent-gpu"),
 }
 
 
 # ----------------------------------------------------------------------------- what to train
 
 
-class TinyMLP(nn.Module):
-    """A small MLP denoiser for tests and toys: x [B, C, H, W], t [B], y [B] -> [B, C, H, W].
-
-    t enters as t / 1000 (a step 0..T-1 or 1000·t); y = None reads as the null label.
-    """
-
-    def __init__(self, in_channels: int, input_size: int, num_classes: int = 0, hidden: int = 64):
-        super().__init__()
-        D = in_channels * input_size * input_size
-        self.num_classes, self.x_in, self.t_in = num_classes, nn.Linear(D, hidden), nn.Linear(1, hidden)
-        self.y_in = nn.Embedding(num_classes + 1, hidden)  # the last row is the null label
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, D))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        y = torch.full((B,), self.num_classes, device=x.device) if y is None else y
-        h = self.x_in(x.reshape(B, C * H * W)) + self.t_in(t.float()[:, None] / 1000) + self.y_in(y)
-        return self.out(h).reshape(B, C, H, W)  # [B, CHW] -> [B, C, H, W]
-
-
-MODEL_BUILDERS = {"mlp": TinyMLP}  # other names go to minidit.dit.make_dit
+MODEL_BUILDERS = {"mlp": TinyMLP, **AUTOENCODER_BUILDERS}  # other names go to minidit.dit.make_dit
 
 
 def dataset_shape(name: str) -> tuple[int, int, int]:
@@ -171,8 +169,10 @@ def dataset_shape(name: str) -> tuple[int, int, int]:
 
 
 def make_model(config: TrainConfig) -> nn.Module:
-    """The network of `config`, sized for its dataset, with fresh weights."""
+    """The network of `config`, sized for its dataset (or its latents), with fresh weights."""
     channels, side, classes = dataset_shape(config.dataset)
+    if config.objective.get("kind") == "latent":
+        channels, side, _ = latent_input_shape(config.objective)  # the DiT sees c x h x w latents
     kwargs = {"in_channels": channels, "input_size": side,
               "num_classes": classes if config.class_conditional else 0, **config.model_overrides}
     if config.model in MODEL_BUILDERS:
@@ -241,6 +241,7 @@ def train(config: TrainConfig, resume: bool = False, *, progress: bool = True,
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint stays.
     """
     config.validate()
+    config = resolve_config(config, resume)  # latent runs: the autoencoder's fingerprint, shape, scale
     rank, world, device, owns_group = _init_distributed(config)
     try:
         return _train(config, resume, progress, objective, sample_fn, rank, world, device)
@@ -375,8 +376,7 @@ def _train(config, resume, progress, objective, sample_fn, rank, world, device) 
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we made the process group): under torchrun we make
-    it (NCCL on CUDA, else gloo); a group that the caller made is used as it is."""
+    """(rank, world size, device, whether we made the process group: NCCL on CUDA, else gloo)."""
     device = get_device(config.device)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda" and device.index is None:
