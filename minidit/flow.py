@@ -161,9 +161,10 @@ def flow_sample(model: Denoiser | Callable[..., Tensor], shape: tuple[int, ...] 
         steps: number of uniform steps in t.
         method: "euler", "heun" or "rk45" (adaptive, rtol/atol in options).
         options: the remaining options of `minidit.ode.ode_sample` (x_init, y, cfg_scale,
-            null_label, generator, device, dtype, return_trajectory, progress, ...).
+            null_label, generator, device, dtype, return_trajectory, progress, ...), including
+            t_start (default 1, pure noise) and t_end (default 0, the data).
     """
     if not isinstance(model, Denoiser):
         model = Denoiser(model, "velocity", name="velocity_fn")
     return ode_sample(model, FlowProcess(), shape, method=method, steps=steps,
-                      t_start=1.0, t_end=options.pop("t_end", 0.0), **options)
+                      t_start=options.pop("t_start", 1.0), t_end=options.pop("t_end", 0.0), **options)

@@ -142,3 +142,20 @@ def test_score_model_on_the_flow_needs_t_below_one():
     with pytest.raises(ValueError, match="NaN or inf at step 0 .*keep t inside"):
         pf_ode_solve(den, process, torch.randn(4, 2, dtype=torch.float64), t_start=1.0, t_end=0.5,
                      method="euler", steps=4, progress=False)
+
+
+def test_flow_sampler_starts_at_any_time_on_the_exact_linear_flow():
+    # Data N(0, s²I): x_t = (1 − t) x0 + t ε has variance (1 − t)² s² + t², the exact velocity is linear in
+    # x_t and its flow map is the rescaling x_0 = x_t · s / sqrt((1 − t)² s² + t²), so a run from t = 0.5
+    # must land there, not at the end of a run from t = 1.
+    s, t0 = 0.3, 0.5
+
+    def velocity(x, t):
+        t = t.to(x).reshape(-1, *[1] * (x.ndim - 1))  # [B] -> [B, 1]
+        var = (1 - t) ** 2 * s**2 + t**2
+        return x * (t - (1 - t) * s**2) / var  # E[ε − x0 | x_t] for Gaussian data
+
+    xt = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x0 = flow_sample(velocity, x_init=xt, t_start=t0, steps=200, method="heun", dtype=torch.float64,
+                     progress=False).x
+    torch.testing.assert_close(x0, xt * s / math.sqrt((1 - t0) ** 2 * s**2 + t0**2), rtol=1e-5, atol=1e-6)
