@@ -6,7 +6,10 @@ float64 inputs, and an `ExerciseError` (an AssertionError) names the wrong shape
 timesteps. Terms are told apart by probing: of x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε
 [DDPM, Eq. 4] only the signal term survives ε = 0, only the noise term survives x_0 = 0.
 
-The student notebooks themselves are written by `minidit.notebooks`
+This module holds the shared helpers and the checks of tutorials 01-02 (discrete diffusion);
+`minidit.exercises_continuous` those of 03 and 07 (SDEs, flow matching) and
+`minidit.exercises_transformers` those of 04 and 05 (ViT, DiT). The student notebooks
+themselves are written by `minidit.notebooks`
 (`minidit exercises generate tutorials/ --out tutorials/student/`).
 """
 
@@ -254,23 +257,3 @@ def check_ddim_step(fn: Callable[..., Tensor]) -> None:
             _expect(name, f"{term} for the step t = {t_now} → t' = {t_prev}", got, want, hints=tuple(hints),
                     shape_hint="return x_{t'} with x_t's shape")
     print(f"{name}: correct ✓")
-
-
-# ----------------------------------------------------------------------------------------
-# Tutorial 03: score matching and SDEs
-# (checks of tutorial 03 go here)
-
-
-# ----------------------------------------------------------------------------------------
-# Tutorial 04: the Vision Transformer
-# (checks of tutorial 04 go here)
-
-
-# ----------------------------------------------------------------------------------------
-# Tutorial 05: the Diffusion Transformer
-# (checks of tutorial 05 go here)
-
-
-# ----------------------------------------------------------------------------------------
-# Tutorial 07: flow matching
-# (checks of tutorial 07 go here)
