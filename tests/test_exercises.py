@@ -13,6 +13,8 @@ from minidit import exercises as ex
 from minidit import notebooks as nbtools
 from minidit.cli import main
 
+from exercise_helpers import fails as _fails
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,14 +60,6 @@ def ddim_step(model, xt, t, t_prev, alpha_bar, wrap=False, direction_now=False):
     eps = model(xt, torch.full((xt.shape[0],), t, dtype=torch.long))
     x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
     return ab_prev.sqrt() * x0 + (1 - (ab if direction_now else ab_prev)).sqrt() * eps
-
-
-def _fails(check, fn, *words):
-    with pytest.raises(ex.ExerciseError) as info:
-        check(fn)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in: {info.value}"
-    return str(info.value)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,10 +3,11 @@ solutions and name the wrong shape, term or weight of mistaken ones."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from minidit import exercises_continuous as ex
+
+from exercise_helpers import fails as _fails
 
 
 def _bcast(v, x):
@@ -34,14 +35,6 @@ def em_step(score_fn, sde, x, t, dt, z, mistake=None):
     x_mean = x + drift * dt if mistake == "forward" else x - drift * dt
     noise = g * dt * z if mistake == "dt_noise" else g * dt**0.5 * z
     return x_mean + noise
-
-
-def _fails(check, fn, *words):
-    with pytest.raises(ex.ExerciseError) as info:
-        check(fn)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in: {info.value}"
-    return str(info.value)
 
 
 def test_checks_accept_the_reference_solutions(capsys):

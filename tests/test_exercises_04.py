@@ -12,6 +12,8 @@ from minidit import exercises_transformers as ex
 from minidit.attention import Attention
 from minidit.vit import patchify as library_patchify
 
+from exercise_helpers import fails as _fails
+
 
 # ----------------------------------------------------------------------------------------
 # The reference solutions of the notebook, with switches for the classic mistakes
@@ -41,14 +43,6 @@ def patchify(x, P, order="right"):
     dims = {"right": (0, 2, 4, 3, 5, 1), "columns_first": (0, 4, 2, 3, 5, 1),
             "channel_first": (0, 2, 4, 1, 3, 5), "transposed_patch": (0, 2, 4, 5, 3, 1)}[order]
     return x.permute(*dims).reshape(B, (H // P) * (W // P), P * P * C)
-
-
-def _fails(check, fn, *words):
-    with pytest.raises(ex.ExerciseError) as info:
-        check(fn)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in: {info.value}"
-    return str(info.value)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@ name a wrong shape and a wrong term of adaLN's modulation and of classifier-free
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from minidit import exercises_transformers as ex
 from minidit.dit import make_dit
+
+from exercise_helpers import fails as _fails
 
 
 # ----------------------------------------------------------------------------------------
@@ -22,14 +23,6 @@ def cfg_predict(model, x, t, y, s, null_label):
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
     cond, uncond = out.chunk(2)
     return uncond + s * (cond - uncond)
-
-
-def _fails(check, fn, *words):
-    with pytest.raises(ex.ExerciseError) as info:
-        check(fn)
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in: {info.value}"
-    return str(info.value)
 
 
 # ----------------------------------------------------------------------------------------
