@@ -16,7 +16,13 @@ to each axis; along one axis, with omega_i = 1 / 10000^(2i / (D/2)), i = 0..D/4-
 
 (the column code first, as in MAE, so that weights trained there line up here).
 
-References: [ViT] Dosovitskiy et al. 2021; [MAE] He et al. 2022; [DiT] Peebles, Xie 2023.
+What a trained ViT looks at: each block's attention weights A_l [B, H, L, L], and their
+rollout through the residual stream [Rollout, Eq. 1], Ā_l = ½·mean_h(A_l) + ½·I,
+
+    R = Ā_depth ··· Ā_2 Ā_1       (row i: how much each input token feeds output token i)
+
+References: [ViT] Dosovitskiy et al. 2021; [MAE] He et al. 2022; [DiT] Peebles, Xie 2023;
+[Rollout] Abnar, Zuidema 2020 (quantifying attention flow in transformers).
 """
 
 from __future__ import annotations
@@ -120,10 +126,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, L, D] -> [B, L, D]."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Tokens [B, L, D] -> [B, L, D]; with `return_attention` also the weights [B, H, L, L]."""
+        if return_attention:  # the weights come from the explicit softmax(QK^T/sqrt(d)) path
+            h, weights = self.attn(self.norm1(x), return_weights=True)
+        else:
+            h, weights = self.attn(self.norm1(x)), None
+        x = x + h
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if return_attention else x
 
 
 @dataclass(frozen=True)
@@ -202,8 +213,12 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] (C, H, W as configured) -> logits [B, num_classes]."""
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Images [B, C, H, W] (C, H, W as configured) -> logits [B, num_classes].
+
+        With `return_attention`: (logits, [A_1, ..., A_depth]), each A_l [B, H, L, L] the
+        attention weights of block l (L counts the class token first, if there is one).
+        """
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
@@ -214,11 +229,34 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             z = torch.cat([self.cls_token.expand(len(z), -1, -1), z], dim=1)  # [B, 1+L, D]
         z = z + self.pos_embed
+        maps = []
         for block in self.blocks:
-            z = block(z)
+            z, A = block(z, return_attention=True) if return_attention else (block(z), None)
+            maps.append(A)
         z = self.norm(z)
         pooled = z[:, 0] if c.pool == "cls" else z.mean(dim=1)  # [B, D]
-        return self.head(pooled)
+        logits = self.head(pooled)
+        return (logits, maps) if return_attention else logits
+
+
+def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout [Rollout, Eq. 1]: R = Ā_depth ··· Ā_1 with Ā_l = ½·mean_h(A_l) + ½·I.
+
+    Args:
+        maps: the weights of each block, first block first, each [B, H, L, L] with rows
+            summing to 1 (as `ViT.forward(x, return_attention=True)` returns them).
+
+    Returns:
+        R [B, L, L], rows summing to 1: R[b, i, j] is the share of input token j in output token i.
+    """
+    if not maps or any(A.ndim != 4 or A.shape[-1] != A.shape[-2] for A in maps):
+        raise ValueError(f"maps must be a non-empty list of [B, H, L, L] weights, got {[tuple(A.shape) for A in maps]}")
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)  # [L, L]
+    R = eye.expand(maps[0].shape[0], -1, -1)  # [B, L, L]
+    for A in maps:
+        A_bar = 0.5 * A.mean(dim=1) + 0.5 * eye  # heads averaged, plus the residual path: [B, L, L]
+        R = A_bar @ R  # the later block acts on what the earlier ones produced
+    return R
 
 
 def make_vit(name: str, **overrides) -> ViT:

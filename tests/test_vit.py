@@ -14,6 +14,7 @@ from minidit.vit import (
     PatchEmbed,
     ViT,
     ViTConfig,
+    attention_rollout,
     make_vit,
     patchify,
     sincos_pos_embed_1d,
@@ -119,3 +120,35 @@ def test_presets_and_bad_inputs():
         ViTConfig(image_size=28, patch_size=5)
     with pytest.raises(ValueError, match="pool"):
         ViTConfig(pool="max")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_returns_each_blocks_attention_and_the_same_logits(pool):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, hidden_size=16, depth=3, num_heads=2, pool=pool)).double()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    logits, maps = model(x, return_attention=True)
+    torch.testing.assert_close(logits, model(x))
+    L = 4 + (pool == "cls")
+    assert len(maps) == 3 and all(A.shape == (5, 2, L, L) for A in maps)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(5, 2, L, dtype=torch.float64))
+    # the first block's weights are softmax(QK^T/sqrt(d)) of its normalised input tokens
+    z = model.patch_embed(x)
+    if pool == "cls":
+        z = torch.cat([model.cls_token.expand(5, -1, -1), z], dim=1)
+    _, want = model.blocks[0].attn(model.blocks[0].norm1(z + model.pos_embed), return_weights=True)
+    torch.testing.assert_close(maps[0], want)
+
+
+def test_attention_rollout_multiplies_the_residual_averaged_maps():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.softmax(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), -1) for _ in range(3)]
+    eye = torch.eye(4, dtype=torch.float64)
+    bars = [0.5 * A.mean(1) + 0.5 * eye for A in maps]
+    R = attention_rollout(maps)
+    torch.testing.assert_close(R, bars[2] @ bars[1] @ bars[0])  # the last block on the left
+    torch.testing.assert_close(R.sum(-1), torch.ones(2, 4, dtype=torch.float64))  # still a mixing matrix
+    # attention that keeps every token to itself rolls out to the identity
+    torch.testing.assert_close(attention_rollout([eye.expand(2, 3, 4, 4)] * 2), eye.expand(2, 4, 4))
+    with pytest.raises(ValueError, match="maps"):
+        attention_rollout([torch.ones(2, 4, 4)])
