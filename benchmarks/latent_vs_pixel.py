@@ -32,9 +32,11 @@ from matplotlib.figure import Figure
 
 from minidit import plotting
 from minidit.autoencoder import evaluate_reconstructions
-from minidit.checkpoint import load_checkpoint
-from minidit.commands import atomic_write, check_folder, evaluate_model, sample_model
-from minidit.train import PRESETS, train
+from minidit.run.build import load_checkpoint
+from minidit.run.config import PRESETS
+from minidit.run.engine import train
+from minidit.run.generate import evaluate_model, sample_model
+from minidit.run.outputs import atomic_write, check_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

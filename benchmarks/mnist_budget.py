@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from minidit.checkpoint import load_checkpoint
-from minidit.cli import resolve_config
-from minidit.commands import (OWN_STEPS, atomic_write, check_folder, default_sampling, evaluate_model,
-                              sampler_names)
-from minidit.train import make_objective, train
+from minidit.cli import config_from_preset
+from minidit.run.build import load_checkpoint, make_objective
+from minidit.run.engine import train
+from minidit.run.generate import evaluate_model
+from minidit.run.objectives import ADAPTIVE
+from minidit.run.outputs import atomic_write, check_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def score(ckpt: Path, n: int, device, progress: bool, **sampling) -> dict:
-    """Load the EMA weights of `ckpt` and score n samples (see minidit.commands.evaluate_model)."""
+    """Load the EMA weights of `ckpt` and score n samples (see minidit.run.generate.evaluate_model)."""
     _, ema_model, objective, config = load_checkpoint(ckpt, device)
     return evaluate_model(ema_model, objective, config, n, progress=progress, **sampling)
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     results_dir = check_folder(args.results_dir)
-    base = resolve_config(args.preset, [*args.overrides, f"out_dir={args.out_dir}", f"seed={args.seed}"])
+    base = config_from_preset(args.preset, [*args.overrides, f"out_dir={args.out_dir}", f"seed={args.seed}"])
     if args.device:
         base = dataclasses.replace(base, device=args.device)
     ckpt, progress = Path(base.out_dir) / "latest.pt", not args.no_progress
@@ -101,17 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. every sampler at each step count
     if args.all_samplers:
         _, _, objective, _ = load_checkpoint(ckpt)
-        for name in sampler_names(objective):
-            if name in OWN_STEPS and not args.with_own_steps:
+        for name in objective.sampler_names():
+            own = name in ADAPTIVE or (name == "ddpm" and objective.kind == "ddpm")  # all T steps
+            if own and not args.with_own_steps:
                 continue
-            for steps in [None] if name in OWN_STEPS else args.steps_list:
+            for steps in [None] if own else args.steps_list:
                 row = score(ckpt, args.sampler_n or args.n, device, progress, sampler=name, steps=steps,
                             seed=args.seed)
                 report["samplers"].append(row)
                 print(f"{name:>16} steps {steps}: NFE {row['nfe']:g}, {row['seconds']:.1f} s, "
                       f"FD {row['fd']:.2f}, accuracy {row['accuracy']:.3f}")
     report["wall_minutes"] = (time.perf_counter() - wall) / 60
-    report["default_sampling"] = default_sampling(make_objective(base))
+    objective = make_objective(base)
+    report["default_sampling"] = {"sampler": objective.sampler, "steps": objective.sample_steps,
+                                  "cfg_scale": objective.cfg_scale}
     write_results(report, results_dir, argv)
     return report
 

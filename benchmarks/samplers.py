@@ -27,12 +27,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from minidit.denoisers import initial_noise, mixture_denoiser  # noqa: E402
-from minidit.flow import FlowProcess, flow_sample  # noqa: E402
-from minidit.ode import pf_ode_solve  # noqa: E402
-from minidit.samplers import sample  # noqa: E402
+from minidit.edm import EDMProcess  # noqa: E402
+from minidit.flow import FlowProcess  # noqa: E402
+from minidit.grids import karras_grid, log_snr_grid, uniform_grid  # noqa: E402
+from minidit.ode import sample_rk45  # noqa: E402
+from minidit.samplers import SAMPLERS  # noqa: E402
 from minidit.sde import VPSDE  # noqa: E402
-from minidit.toy import GaussianMixture  # noqa: E402
+from minidit.toy import GaussianMixture, mixture_denoiser  # noqa: E402
 
 MIX = GaussianMixture(torch.tensor([0.3, 0.5, 0.2]), torch.tensor([[-2.0, 0.0], [1.5, 1.0], [0.5, -1.5]]),
                       torch.tensor([0.5, 0.3, 0.4]))
@@ -43,15 +44,17 @@ LADDERS = {
     "reverse_diffusion": ("vp", "steps", [10, 20, 50, 100, 200, 500]),
     "pc": ("vp", "steps", [5, 10, 25, 50, 100, 250]),
     "langevin": ("vp", "steps", [4, 10, 20, 50, 100]),  # x 10 corrector steps
-    "ode_euler": ("vp", "steps", [5, 10, 20, 50, 100, 200, 500]),
-    "ode_heun": ("vp", "steps", [3, 5, 10, 25, 50, 100]),
-    "ode_rk45": ("vp", "rtol", [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]),
+    "euler": ("vp", "steps", [5, 10, 20, 50, 100, 200, 500]),
+    "heun": ("vp", "steps", [3, 5, 10, 25, 50, 100]),
+    "rk45": ("vp", "rtol", [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]),
+    "ddim": ("vp", "steps", [5, 10, 20, 50, 100, 200]),
     "edm": ("vp", "steps", [3, 5, 8, 10, 13, 18, 25, 50]),
     "dpm_solver++": ("vp", "steps", [5, 8, 10, 15, 20, 30, 50, 100]),
     "flow_euler": ("flow", "steps", [5, 10, 20, 50, 100, 200, 500]),
     "flow_heun": ("flow", "steps", [3, 5, 10, 25, 50, 100]),
 }
-ODE = ("ode_euler", "ode_heun", "ode_rk45", "edm", "dpm_solver++", "flow_euler", "flow_heun")
+ODE = ("euler", "heun", "rk45", "ddim", "edm", "dpm_solver++", "flow_euler", "flow_heun")
+GRID_OF = {"edm": "karras", "dpm_solver++": "log_snr"}  # every other sampler: uniform in t
 
 
 def sliced_w1(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256) -> float:
@@ -67,29 +70,31 @@ def draw(name: str, value, n: int, seed: int, dtype=torch.float32) -> tuple[torc
     kind = "velocity" if LADDERS[name][0] == "flow" else "eps"
     den = mixture_denoiser(MIX.to(dtype=dtype), process, kind)
     gen = torch.Generator().manual_seed(seed)
-    if name.startswith("flow_"):
-        out = flow_sample(den, (n, 2), steps=value, method=name[5:], generator=gen, dtype=dtype, progress=False)
-    elif name == "ode_rk45":
-        out = sample(name, den, process, (n, 2), rtol=value, atol=value, generator=gen, dtype=dtype,
-                     progress=False)
+    options = {"n_corrector_steps": 10} if name == "langevin" else {}
+    if name == "rk45":
+        grid, options = uniform_grid(process, 1), {"rtol": value, "atol": value}
+    elif name.startswith("flow_"):
+        grid = uniform_grid(process, value, t_end=0.0)  # the flow's ODE reaches the data itself
+    elif name == "edm":  # Heun on EDM's σ(t) = t through Karras' levels
+        den = den.on(EDMProcess())
+        grid = karras_grid(den.process, value, span=process)
     else:
-        extra = {"n_corrector_steps": 10} if name == "langevin" else {}
-        out = sample(name, den, process, (n, 2), steps=value, generator=gen, dtype=dtype, progress=False, **extra)
-    return out.x, out.nfe
+        grid = (log_snr_grid if GRID_OF.get(name) == "log_snr" else uniform_grid)(process, value)
+    x = den.process.prior_noise((n, 2), float(grid[0]), gen, dtype=dtype)
+    solver = SAMPLERS["heun" if name == "edm" else name.removeprefix("flow_")]
+    return solver(den, x, grid, generator=gen, **options), den.nfe
 
 
 def converged_paths(name: str, n: int, seed: int) -> torch.Tensor | None:
     """x* from the same noise as `draw` (float64), for the samplers that solve the PF-ODE to t_eps or 0."""
-    if name not in ("ode_euler", "ode_heun", "ode_rk45", "dpm_solver++", "flow_euler", "flow_heun"):
+    if name not in ("euler", "heun", "rk45", "ddim", "dpm_solver++", "flow_euler", "flow_heun"):
         return None
     process = FlowProcess() if name.startswith("flow_") else VPSDE()
     kind = "velocity" if name.startswith("flow_") else "eps"
     den = mixture_denoiser(MIX.to(dtype=torch.float64), process, kind)
-    x1 = initial_noise(process, 1.0, (n, 2), None, torch.Generator().manual_seed(seed), None,
-                       torch.float32).double()  # the float32 draw of `draw`
+    x1 = process.prior_noise((n, 2), 1.0, torch.Generator().manual_seed(seed)).double()  # the float32 draw of `draw`
     t_end = 0.0 if name.startswith("flow_") else process.t_eps
-    return pf_ode_solve(den, process, x1, t_start=1.0, t_end=t_end, method="rk45", rtol=1e-9, atol=1e-9,
-                        progress=False).x.float()
+    return sample_rk45(den, x1, torch.tensor([1.0, t_end], dtype=torch.float64), rtol=1e-9, atol=1e-9).float()
 
 
 def main() -> None:
@@ -134,7 +139,8 @@ def main() -> None:
         f"(2-core CPU), torch {torch.__version__}.",
         "",
         "Mixture: weights (0.3, 0.5, 0.2), means (−2, 0), (1.5, 1), (0.5, −1.5), stds 0.5, 0.3, 0.4. "
-        "SDE samplers and the PF-ODE run on the VP SDE (β 0.1 → 20, t from 1 to 1e-3); flow_* integrate the "
+        "SDE samplers and the PF-ODE run on the VP SDE (β 0.1 → 20, t from 1 to 1e-3; uniform grids, "
+        "DPM-Solver++ uniform in log-SNR, EDM = Heun on σ(t) = t with Karras' levels); flow_* integrate the "
         "exact velocity of the linear interpolant from t = 1 to 0. `langevin` runs 10 corrector steps per level.",
         "",
         f"**Noise floor** (sliced W1 between exact sample sets of this size): {floor:.4f} ± {floor_sd:.4f}. "

@@ -42,11 +42,14 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from minidit.commands import atomic_write, check_folder, evaluate_model
+from minidit.run.generate import evaluate_model
+from minidit.run.outputs import atomic_write, check_folder
 from minidit.device import get_device
 from minidit.dit import DIT_CONFIGS, DiTConfig
 from minidit.flops import PAPER_TABLE4, profile
-from minidit.train import PRESETS, TrainConfig, make_model, make_objective, train
+from minidit.run.build import make_model, make_objective
+from minidit.run.config import PRESETS, TrainConfig
+from minidit.run.engine import train
 
 SIDE, CHANNELS, CLASSES = 28, 1, 10  # MNIST
 SIZES = {"XS": (32, 2, 2), "S": (64, 4, 4), "M": (128, 6, 8), "L": (192, 8, 12)}  # name: (D, N, heads)
@@ -82,7 +85,7 @@ class GridPoint:
         return {"hidden_size": self.width, "depth": self.depth, "num_heads": self.heads, "patch_size": self.patch}
 
     def dit_config(self) -> DiTConfig:
-        """The DiTConfig that `minidit.train.make_model` builds for MNIST with these overrides."""
+        """The DiTConfig that `minidit.run.build.make_model` builds for MNIST with these overrides."""
         return replace(DIT_CONFIGS["dit-mnist-cpu"], in_channels=CHANNELS, input_size=SIDE,
                        num_classes=CLASSES, learn_sigma=False, **self.overrides())
 
@@ -163,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=["XS", "S", "M"], help=f"of {list(SIZES)}")
     p.add_argument("--patches", type=int, nargs="+", default=list(PATCHES))
     p.add_argument("--n", type=int, default=500, help="samples scored per model (the floor uses the same n)")
-    p.add_argument("--preset", default="mnist-cpu", help="the training recipe (a minidit.train preset)")
+    p.add_argument("--preset", default="mnist-cpu", help="the training recipe (a minidit.run.config preset)")
     p.add_argument("--out-dir", default="runs/scaling", help="checkpoints, one folder per model")
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run")

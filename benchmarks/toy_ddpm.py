@@ -25,8 +25,10 @@ import time
 
 import torch
 
-from minidit.ddim import ddim_sample
-from minidit.ddpm import GaussianDiffusion
+from minidit.ddim import sample_ddim
+from minidit.ddpm import GaussianDiffusion, sample_ddpm
+from minidit.denoiser import Denoiser
+from minidit.grids import ddpm_grid
 from minidit.schedules import make_schedule
 from minidit.toy_models import ToyDenoiser, ToyDenoiserConfig
 
@@ -76,10 +78,13 @@ def run(steps: int = 3000, batch: int = 512, lr: float = 2e-3, n_samples: int = 
     # 2. sample: the T-step ancestral sampler, or DDIM with 100 steps
     start = time.perf_counter()
     model.eval()
+    s = diffusion.schedule
+    den = Denoiser(model, prediction, s.process, time_scale=s.T, time_shift=-1.0)  # step t at time (t + 1)/T
+    x_T = torch.randn(n_samples, 2, generator=g)
     if sampler == "ddpm":
-        x = diffusion.sample(model, (n_samples, 2), generator=g, progress=progress)
+        x = sample_ddpm(den, x_T, ddpm_grid(s.T), generator=g)
     else:
-        x = ddim_sample(diffusion, model, (n_samples, 2), steps=100, generator=g, progress=progress)
+        x = sample_ddim(den, x_T, ddpm_grid(s.T, 100), generator=g)
     sample_s = time.perf_counter() - start
     # 3. score against fresh data; the floor and the Gaussian baseline on the same footing
     reference = ring_data(n_samples, g)

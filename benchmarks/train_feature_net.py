@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minidit import data
 from minidit.classifier import FeatureNet, save_feature_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,6 @@ def accuracy(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, batch_size: int 
 
 
 def load(dataset: str, split: str, root: str | None):
-    from minidit import data
-
     if dataset == "mnist":
         return data.load_mnist(split=split, root=root)
     return data.load_fashion_mnist(split=split, root=root)

@@ -12,7 +12,8 @@ generative VAE. Diffusion then runs on z · s, with the scaling factor s = 1 / s
 measured on data so that the diffused latents have unit variance [LDM, Sec. 4.3.2].
 Quality of the round trip x → D(E(x)) is reported as PSNR = 10 log10(peak² / MSE), with
 peak-to-peak 2 for images in [−1, 1], and as the FD of reconstructions (minidit.metrics).
-`AutoencoderObjective` trains it through `minidit.train` like any diffusion objective.
+`vae_loss` is that loss per example; `minidit.run.latent.AutoencoderObjective` trains it through
+the training engine like any diffusion objective.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
+
+from minidit import data, metrics
 
 
 # ----------------------------------------------------------------------------- the posterior
@@ -177,39 +178,17 @@ def psnr(x: Tensor, x_hat: Tensor, peak_to_peak: float = 2.0) -> Tensor:
     return 10 * torch.log10(peak_to_peak**2 / mse.clamp_min(1e-12))
 
 
-@dataclass
-class AutoencoderObjective:
-    """Train an `Autoencoder` with `minidit.train`: per-example loss (‖x − x̂‖² + β·KL) / D.
+def vae_loss(model: Autoencoder, x0: Tensor, beta: float, generator: torch.Generator | None = None) -> Tensor:
+    """Per-example (‖x0 − D(z)‖² + β·KL(q(z | x0) ‖ N(0, I))) / D, z ~ q(z | x0) [VAE; LDM, Sec. 3].
 
-    The loop's "time" of each example is 0 (there is no diffusion time). `sample` decodes
-    z ~ N(0, I), the prior; with a tiny β these are not good images: that is what the
-    latent diffusion model is for. `null_label` is accepted for the interface and unused.
+    Returns:
+        [B]: both terms per pixel of x0 (D = C·H·W).
     """
-
-    kind: ClassVar[str] = "autoencoder"
-    beta: float = 1e-4
-    null_label: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
-
-    def config(self) -> dict:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
-
-    def loss(self, model, x0, y, generator):
-        # 1. z ~ q(z | x0) by reparameterisation, x̂ = D(z)
-        x_hat, posterior = model(x0, generator)
-        # 2. reconstruction plus β · closed-form KL, both per pixel of x0
-        D = x0[0].numel()
-        loss = ((x_hat.float() - x0.float()).pow(2).flatten(1).sum(1) + self.beta * posterior.kl().float()) / D
-        return loss, torch.zeros_like(loss)  # [B], [B]
-
-    def sample(self, model, shape, y=None, generator=None):
-        device = next(model.parameters()).device
-        z = torch.randn((shape[0], *model.latent_shape), generator=generator,
-                        device=generator.device if generator is not None else device).to(device)
-        return model.decode(z).clamp(-1, 1)
+    # 1. z ~ q(z | x0) by reparameterisation, x̂ = D(z)
+    x_hat, posterior = model(x0, generator)
+    # 2. reconstruction plus β · closed-form KL, both per pixel of x0
+    D = x0[0].numel()
+    return ((x_hat.float() - x0.float()).pow(2).flatten(1).sum(1) + beta * posterior.kl().float()) / D
 
 
 @torch.no_grad()
@@ -241,8 +220,6 @@ def evaluate_reconstructions(model: Autoencoder, dataset: str = "mnist", n: int 
             MNIST classifier on the reconstructions (None unless MNIST), "n", "images" [n, C, H, W],
             "reconstructions" [n, C, H, W]}.
     """
-    from minidit import data, metrics
-
     images, labels = data.load_dataset(dataset, "train", root=root)
     if not isinstance(n, int) or not 2 <= n <= min(len(images), 10_000):
         raise ValueError(f"n must be an int in [2, {min(len(images), 10_000)}], got {n!r}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 # Datasets the network is built for. Only MNIST weights ship today; Fashion-MNIST weights
 # come from the same training script (``--dataset fashion_mnist``) and load with `path=`.
@@ -89,8 +90,6 @@ class FeatureNet(nn.Module):
 
 def save_feature_net(net: FeatureNet, path: str | Path) -> None:
     """Write the network's state dict (float32, CPU) to a safetensors file."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
     # BatchNorm's integer step counter is not needed at inference; keep the file float-only.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -131,8 +130,6 @@ def load_feature_net(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature-net weights not found: {path}")
-    from safetensors.torch import load_file
-
     state = load_file(str(path))
     net = FeatureNet()
     # The file omits BatchNorm's step counters (see `save_feature_net`); nothing else may differ.

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from minidit.download import DatasetError, download_file, extract_tar_folder, md5_file, restricted_loads
 
-__all__ = ["DATASETS", "DatasetError", "DatasetInfo", "Resource", "TensorLoader", "data_root",
+__all__ = ["DATASETS", "DatasetError", "DatasetInfo", "Resource", "TensorLoader", "data_root", "dataset_shape",
            "load_cifar10", "load_dataset", "load_fashion_mnist", "load_mnist", "random_hflip"]
 
 
@@ -111,6 +111,20 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """(channels, side, classes) of a dataset of `DATASETS`, or of "synthetic" (random 8x8 images, 10 labels)."""
+    if name == "synthetic":
+        return 1, 8, 10
+    info = _info(name)
+    return info.channels, info.image_size, info.num_classes
+
+
+def _info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The dataset root: `root`, else $MINIDIT_DATA, else $XDG_CACHE_HOME/minidit or ~/.cache/minidit."""
     if root is not None:
@@ -144,9 +158,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
         ValueError: unknown name or split.
         DatasetError: a file is missing (download=False), corrupt, or cannot be fetched.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
-    info = DATASETS[name]
+    info = _info(name)
     if split not in info.splits:
         raise ValueError(f"unknown split {split!r} for {name}; valid splits: {sorted(info.splits)}")
     if isinstance(mirrors, str):
@@ -343,17 +355,14 @@ class TensorLoader:
                              "and drop_last=True leaves no batch")
         self._next_epoch = 0
 
-    def __len__(self) -> int:
-        """Batches per epoch on each rank."""
+    def __len__(self) -> int:  # batches per epoch on each rank
         return self.steps
 
     def indices(self, epoch: int) -> Tensor:
         """This rank's example indices for one epoch, [per_rank] int64 on the CPU."""
         n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))  # [N]
-        else:
-            order = torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)  # [N]
         pad = self.per_rank * self.world_size - n
         if pad > 0:  # drop_last=False: wrap around so that every rank gets per_rank examples
             order = torch.cat([order, order[:pad]])  # [N + pad]

@@ -11,8 +11,9 @@ The paper compares four ways for a block to see the condition [DiT, Sec. 3.2]:
     adaLN-Zero:       also alpha = MLP(c), x += alpha * Attn(adaLN(x)), x += alpha * MLP(adaLN(x)),
                       with the MLP initialised to zero: every block is the identity at init
 
-Classifier-free guidance combines the conditional and unconditional (null label)
-predictions of one network [CFG, Eq. 6]:  eps~ = eps(x_t, null) + s (eps(x_t, y) - eps(x_t, null)).
+The label table has a null row (label num_classes) that training reaches by label dropout,
+so one network predicts both eps(x_t, y) and eps(x_t, null), as classifier-free guidance
+needs [CFG, Eq. 6] (`minidit.guidance.guided`).
 
 References: [DiT] Peebles, Xie 2023; [IDDPM] Nichol, Dhariwal 2021; [CFG] Ho, Salimans 2022.
 """
@@ -228,7 +229,9 @@ class DiT(nn.Module):
             raise ValueError(f"y must be an integer tensor of shape [{B}], got {y.dtype} {list(y.shape)}")
         if force_drop_ids is not None and force_drop_ids.shape != (B,):
             raise ValueError(f"force_drop_ids must have shape [{B}], got {list(force_drop_ids.shape)}")
-        if B > 0 and y.device.type != "meta" and not torch.compiler.is_compiling():
+        # the range is checked where it costs nothing (the CPU); on an accelerator it would make
+        # every step wait, so there the front doors (sampling, the data loader) check labels once
+        if B > 0 and y.device.type == "cpu" and not torch.compiler.is_compiling():
             if int(y.min()) < 0 or int(y.max()) > c.num_classes:
                 raise ValueError(
                     f"labels y must lie in [0, {c.num_classes}) or be the null label {c.num_classes}, "
@@ -282,32 +285,6 @@ class DiT(nn.Module):
                 h = block(h)
             h = self.final_layer(h[:, len(cond):])  # [B, L, P*P*C']
         return unpatchify(h, c.patch_size, c.input_size, c.input_size)  # [B, C', H, W]
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
-    ) -> torch.Tensor:
-        """Classifier-free guided prediction from one call on a doubled batch [CFG, Eq. 6].
-
-        Args:
-            x, t: as in `forward`.
-            y: labels [B] in [0, num_classes]; the null label num_classes asks for an
-                unconditional sample.
-            cfg_scale: guidance scale s (1 gives the conditional prediction).
-
-        Returns:
-            [B, C', H, W]: guided eps; the variance channels (if any) of the conditional half.
-        """
-        if self.config.num_classes == 0:
-            raise ValueError("forward_with_cfg needs a class-conditional DiT (num_classes > 0)")
-        t, y = self._check_inputs(x, t, y, None)
-        B, C = x.shape[0], self.config.in_channels
-        # 1. one batch: the conditional half, then the same inputs with the null label
-        drop = torch.arange(2 * B, device=x.device) >= B  # [2B]
-        out = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop)
-        cond, uncond = out.chunk(2, dim=0)  # 2 x [B, C', H, W]
-        # 2. eps~ = eps(null) + s (eps(y) - eps(null)) on the eps channels only
-        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
-        return torch.cat([eps, cond[:, C:]], dim=1)
 
 
 def make_dit(name: str, **overrides) -> DiT:

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn as nn
 
+from minidit.guidance import drop_labels
+
 
 def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """The sinusoidal code freq(t) above.
@@ -79,12 +81,8 @@ class LabelEmbedder(nn.Module):
 
     def drop(self, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replace labels by the null label: where `force_drop_ids` is true if given,
-        else at random with probability p."""
-        if force_drop_ids is None:
-            dropped = torch.rand(y.shape, device=y.device) < self.dropout_prob
-        else:
-            dropped = force_drop_ids.to(device=y.device, dtype=torch.bool)
-        return torch.where(dropped, torch.full_like(y, self.num_classes), y)
+        else at random with probability p (`minidit.guidance.drop_labels`)."""
+        return drop_labels(y, self.dropout_prob, self.num_classes, force=force_drop_ids)
 
     def forward(
         self, y: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None

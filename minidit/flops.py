@@ -16,7 +16,6 @@ References: [DiT] Peebles, Xie 2023.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import torch
@@ -103,37 +102,3 @@ def paper_table() -> str:
             f"| {g:.2f} | {paper_g:.2f} | {100 * (g / paper_g - 1):+.2f}% |"
         )
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.all:
-        print(paper_table())
-        return 0
-    if args.name is None:
-        print("give a config name, or --all; valid names: " + ", ".join([*DIT_CONFIGS, *VIT_CONFIGS]))
-        return 2
-    overrides = {"conditioning": args.conditioning} if args.conditioning else {}
-    try:
-        params, macs = profile_named(args.name, args.batch_size, **overrides)
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}")
-        return 2
-    print(f"{args.name}: {params / 1e6:.2f} M parameters, {macs / 1e9:.2f} GMACs "
-          f"(forward pass, batch {args.batch_size})")
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``minidit flops NAME [--batch-size N] [--conditioning C] | --all``."""
-    parser = subparsers.add_parser(
-        "flops", help="parameter and GMAC counts of a DiT or ViT config",
-        description="Parameters and GMACs (the DiT paper's 'Gflops') of a named config, "
-        "counted by torch's FlopCounterMode on the meta device.",
-    )
-    parser.add_argument("name", nargs="?", help="a config name, e.g. DiT-XL/2 or vit-mnist")
-    parser.add_argument("--all", action="store_true", help="the 12 DiT configs vs the paper's Table 4")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--conditioning", default=None,
-                        help="override a DiT's conditioning: adaln-zero, adaln, cross-attention, in-context")
-    parser.set_defaults(func=_run)
-    return parser

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from minidit.denoisers import Denoiser, as_denoiser, check_steps, randn_like
-from minidit.ode import check_tolerances, fixed_step_solve, rk45_solve
-from minidit.sde import SDE
+from minidit.denoiser import Denoiser
+from minidit.grids import check_steps
+from minidit.ode import check_tolerances, heun_step, rk45_solve
+from minidit.process import noise_like
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -79,7 +79,7 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None, n_bins:
         raise ValueError(f"pixels must lie in [0, {n_bins}), got [{int(images.min())}, {int(images.max())}]")
     k = images.float()
     noise_device = generator.device if generator is not None else k.device
-    u = torch.rand(k.shape, generator=generator, device=noise_device).to(k.device)
+    u = torch.rand(k.shape, generator=generator, device=noise_device).to(k.device)  # U[0, 1)
     return 2 * (k + u) / n_bins - 1
 
 
@@ -96,17 +96,15 @@ def divergence(v: Tensor, x: Tensor, probe: Tensor | None = None) -> Tensor:
     return div
 
 
-def ode_log_likelihood(model: Denoiser | Callable, process: SDE, x: Tensor, *, method: str = "rk45",
-                       steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
-                       divergence_method: str = "exact", probe: str = "rademacher", t_eps: float = 1e-5,
-                       y: Tensor | None = None, cfg_scale: float | None = None,
-                       null_label: int | None = None, generator: torch.Generator | None = None,
+def ode_log_likelihood(den: Denoiser, x: Tensor, *, method: str = "rk45", steps: int = 100, rtol: float = 1e-5,
+                       atol: float = 1e-5, divergence_method: str = "exact", probe: str = "rademacher",
+                       t_eps: float = 1e-5, generator: torch.Generator | None = None,
                        progress: bool = True) -> LikelihoodResult:
     """log p(x) by the instantaneous change of variables along the PF-ODE, t_eps -> 1.
 
     Args:
-        model: a `Denoiser` or a plain `score_fn(x, t)` on `process` (differentiable in x).
-        process: the diffusion; its prior gives log p_1.
+        den: the denoiser (differentiable in x); its process's prior gives log p_1. Bind labels
+            with `minidit.guidance.guided` first.
         x: data [B, ...] (read as a draw of p_{t_eps}).
         method: "rk45" (adaptive, rtol/atol) or "heun" (`steps` uniform steps).
         divergence_method: "exact" (D backward passes per evaluation) or "hutchinson".
@@ -129,11 +127,10 @@ def ode_log_likelihood(model: Denoiser | Callable, process: SDE, x: Tensor, *, m
         check_steps(steps)
     if not 0 < t_eps < 1:
         raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
-    den = as_denoiser(model, process, y, cfg_scale, null_label)
     B, shape = x.shape[0], x.shape
     eps = None
     if divergence_method == "hutchinson":  # one probe per sample for the whole solve
-        eps = randn_like(x, generator)
+        eps = noise_like(x, generator)
         if probe == "rademacher":
             eps = eps.sign()
 
@@ -151,8 +148,11 @@ def ode_log_likelihood(model: Denoiser | Callable, process: SDE, x: Tensor, *, m
                               callback=lambda i, s, t: setattr(den, "step", i), progress=progress)
     else:
         ts = torch.linspace(t_eps, 1.0, steps + 1, dtype=torch.float64)
-        state = fixed_step_solve(F, state, ts, "heun", lambda i, s: setattr(den, "step", i + 1), progress)
+        for i in range(steps):
+            den.step = i
+            state = heun_step(F, state, ts[i], ts[i + 1])
+    den.check_finite()
     z = state[:, :-1].reshape(shape)  # [B, D] -> [B, ...]
-    prior_logp = process.prior_log_prob(z)
+    prior_logp = den.process.prior_log_prob(z)
     delta = state[:, -1]
     return LikelihoodResult(prior_logp + delta, prior_logp, delta, z, den.nfe)

@@ -35,6 +35,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minidit.classifier import load_feature_net
+from minidit.data import load_mnist
 
 # How far outside [-1, 1] a pixel may stray (sampler overshoot) before we call it a bug,
 # e.g. images still in [0, 255]. Values inside the slack are clipped to [-1, 1].
@@ -213,8 +214,6 @@ def _shipped_net(dataset: str, device: str) -> nn.Module:
 @functools.lru_cache(maxsize=16)
 def _real_subset_stats(dataset: str, split: str, n: int, root: str | None, device: str):
     """Feature statistics of n real images of `split`, a fixed random subset (seed REFERENCE_SEED)."""
-    from minidit.data import load_mnist
-
     images, _ = load_mnist(split=split, root=root)
     if n > images.shape[0]:
         raise ValueError(f"n={n} is larger than the MNIST {split} split ({images.shape[0]} images)")

@@ -2,37 +2,40 @@
 
 Every diffusion has a deterministic twin with the same marginals p_t [SDE, Eq. 13]:
 
-    dx/dt = f(x, t) − ½ g(t)² ∇log p_t(x) = alpha'(t) x̂0 + sigma'(t) ε̂
+    dx/dt = f(x, t) − ½ g(t)² ∇log p_t(x) = alpha'(t) x̂0 + sigma'(t) ε̂     (`Denoiser.velocity`)
 
-Integrating it from t = 1 (prior noise) to t ≈ 0 draws samples; from 0 to 1 it encodes
-data into the prior, invertibly. The solvers below integrate dy/dt = F(y, t) for a batch
-y [B, ...] with one t per sample ([B]):
+Integrating it from noise to t ≈ 0 draws samples; from 0 to 1 it encodes data into the
+prior, invertibly. The steps integrate dy/dt = F(y, t) from t to t_next (h = t_next − t):
 
     Euler:  y ← y + h F(y, t)                                               (order 1)
-    Heun:   ỹ = y + h F(y, t);  y ← y + h/2 (F(y, t) + F(ỹ, t + h))          (order 2)
+    Heun:   ỹ = y + h F(y, t);  y ← y + h/2 (F(y, t) + F(ỹ, t_next))          (order 2) [EDM, Alg. 1]
     RK45:   Dormand-Prince 5(4), the 5th-order solution with the embedded 4th-order
             error estimate, err = ‖(y5 − y4) / (atol + rtol max(|y|, |y5|))‖_rms ≤ 1 to accept,
             h ← h · clip(0.9 err^(−1/5), 0.2, 10)         [Dormand, Prince 1980; Hairer I, II.4]
 
-RK45 keeps one step size per sample by default (`per_sample_steps=True`): each sample has its
-own t and h, accepts or rejects on its own error, and samples that arrived take zero
-steps while the others finish; the batch is always evaluated whole, so labels stay
-aligned (NFE counts batched calls). With `per_sample_steps=False` the batch shares one h and
-the error norm is the largest over the batch.
+A step that ends where the slope is undefined (sigma = 0 for eps, x0 and score networks: the
+last step to the data of EDM's and DDPM's grids) is an Euler step [EDM, Alg. 1, line 9].
+`sample_heun` adds EDM's churn (`minidit.edm.churn_step`) when S_churn > 0. RK45 keeps one
+step size per sample by default: each sample has its own t and h, accepts or rejects on its
+own error, and samples that arrived take zero steps while the others finish (NFE counts
+batched calls); it integrates from the grid's first time to its last, adaptively.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minidit.denoisers import Denoiser, SampleResult, as_denoiser, check_steps, initial_noise
-from minidit.sde import SDE, per_sample
+from minidit.denoiser import Denoiser
+from minidit.edm import churn_step
+from minidit.grids import Callback, check_grid, intervals, report
+from minidit.process import per_sample
 
-METHODS = ("euler", "heun", "rk45")
+Field = Callable[[Tensor, Tensor], Tensor]  # F(y [B, ...], t) -> dy/dt [B, ...]
 
 # Dormand-Prince 5(4): nodes c, stages A, 5th-order weights b, error weights e = b − b*
 _C = [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0]
@@ -47,12 +50,59 @@ _A = [
 _B = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
 _E = [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]
 
-Field = Callable[[Tensor, Tensor], Tensor]  # F(y [B, ...], t [B]) -> dy/dt [B, ...]
+
+def euler_step(F: Field, y: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """One Euler step of dy/dt = F(y, t) from t to t_next (one evaluation)."""
+    return y + (t_next - t) * F(y, t)
 
 
-def _t_like(t: Tensor, y: Tensor) -> Tensor:
-    # times are kept in float64 on the CPU (MPS has no float64) and handed to F like y
-    return t.to(device=y.device, dtype=y.dtype)
+def heun_step(F: Field, y: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """One step of Heun's method (the trapezoid rule on an Euler guess), two evaluations [EDM, Alg. 1]."""
+    h = t_next - t
+    d = F(y, t)
+    d_next = F(y + h * d, t_next)  # the slope at the Euler guess
+    return y + 0.5 * h * (d + d_next)
+
+
+@torch.no_grad()
+def sample_euler(den: Denoiser, x: Tensor, grid: Tensor, *, generator: torch.Generator | None = None,
+                 callback: Callback | None = None) -> Tensor:
+    """Euler's method on the PF-ODE through `grid`; NFE = N. (`generator` is unused: deterministic.)"""
+    for i, t, t_next in intervals(den, grid):
+        x = euler_step(den.velocity, x, t, t_next)
+        x = report(callback, x, i, t, t_next, den, grid)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(den: Denoiser, x: Tensor, grid: Tensor, *, S_churn: float = 0.0, S_tmin: float = 0.0,
+                S_tmax: float = math.inf, S_noise: float = 1.0, generator: torch.Generator | None = None,
+                callback: Callback | None = None) -> Tensor:
+    """Heun's method on the PF-ODE through `grid`, with EDM's optional churn [EDM, Alg. 1-2].
+
+    NFE = 2N, or 2N − 1 when the grid ends where the slope is undefined. On `EDMProcess` with the
+    Karras grid this is EDM's sampler (S_churn = 0: deterministic).
+
+    Args:
+        den: the denoiser; x: the start [B, ...] at grid[0]; grid: decreasing times.
+        S_churn, S_tmin, S_tmax, S_noise: EDM's churn: γ = min(S_churn/N, √2 − 1) where the
+            noise level sigma/alpha lies in [S_tmin, S_tmax].
+        generator: for the churn noise; callback: see `minidit.grids.report`.
+    """
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    N = len(grid) - 1
+    for i, t, t_next in intervals(den, grid):
+        # 1. churn: raise the noise from t to t̂ [EDM, Alg. 2]
+        level = math.exp(-0.5 * float(den.process.log_snr(t)))  # sigma/alpha
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_tmin <= level <= S_tmax else 0.0
+        if gamma > 0:
+            x, t = churn_step(den.process, x, t, gamma, S_noise, generator)
+        # 2. Heun from t̂ to t_next; Euler onto a point where the slope is undefined
+        step = heun_step if den.slope_defined_at(t_next) else euler_step
+        x = step(den.velocity, x, t, t_next)
+        x = report(callback, x, i, t, t_next, den, grid)
+    return x
 
 
 def check_tolerances(rtol: float, atol: float) -> None:
@@ -62,28 +112,6 @@ def check_tolerances(rtol: float, atol: float) -> None:
             raise ValueError(f"{name} must lie in (0, 1), got {tol!r}")
 
 
-def fixed_step_solve(F: Field, y: Tensor, ts: Tensor, method: str = "heun",
-                     callback: Callable[[int, Tensor], None] | None = None, progress: bool = True) -> Tensor:
-    """Integrate from ts[0] to ts[-1] through the grid ts [N + 1] with Euler or Heun.
-
-    `F(y, t)` gets t [B] on y's device and in y's dtype; `callback(i, y)` runs after step
-    i. NFE: N for Euler, 2N for Heun.
-    """
-    B, ts = y.shape[0], ts.detach().cpu().double()
-    for i in tqdm(range(len(ts) - 1), desc=f"ODE {method}", disable=not progress, leave=False):
-        t, t_next = _t_like(ts[i].expand(B), y), _t_like(ts[i + 1].expand(B), y)  # [B]
-        h = float(ts[i + 1] - ts[i])
-        d = F(y, t)
-        if method == "euler":
-            y = y + h * d
-        else:
-            d_next = F(y + h * d, t_next)  # slope at the Euler guess
-            y = y + 0.5 * h * (d + d_next)
-        if callback is not None:
-            callback(i, y)
-    return y
-
-
 def _rms(e: Tensor) -> Tensor:
     return e.flatten(1).pow(2).mean(1).sqrt().cpu().double()  # [B, ...] -> [B], float64 on the CPU
 
@@ -91,7 +119,7 @@ def _rms(e: Tensor) -> Tensor:
 def rk45_solve(F: Field, y: Tensor, t0: float, t1: float, rtol: float = 1e-5, atol: float = 1e-5,
                per_sample_steps: bool = True, max_steps: int = 10_000,
                callback: Callable[[int, Tensor, Tensor], None] | None = None,
-               progress: bool = True) -> tuple[Tensor, int]:
+               progress: bool = False) -> tuple[Tensor, int]:
     """Adaptive Dormand-Prince 5(4) from t0 to t1 (either direction).
 
     Args:
@@ -101,6 +129,7 @@ def rk45_solve(F: Field, y: Tensor, t0: float, t1: float, rtol: float = 1e-5, at
         per_sample_steps: one step size per sample (else one for the batch).
         max_steps: raise RuntimeError past this many attempted steps.
         callback: `callback(step, y, t)` after every attempted step.
+        progress: a progress bar over |t − t0|.
 
     Returns:
         The state at t1, and the number of attempted steps.
@@ -112,12 +141,15 @@ def rk45_solve(F: Field, y: Tensor, t0: float, t1: float, rtol: float = 1e-5, at
     traveled = torch.zeros(B, dtype=torch.float64)  # |t − t0|
     t = torch.full((B,), float(t0), dtype=torch.float64)
 
+    def at(t: Tensor) -> Tensor:
+        return t.to(device=y.device, dtype=y.dtype)
+
     # 1. the first slope and an initial step from its size [Hairer I, II.4]
-    k1 = F(y, _t_like(t, y))
+    k1 = F(y, at(t))
     scale = atol + rtol * y.abs()
     d0, d1 = _rms(y / scale), _rms(k1 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).clamp(max=span)
-    k = F(y + per_sample(direction * h0, y).to(y) * k1, _t_like(t + direction * h0, y))
+    k = F(y + per_sample(direction * h0, y).to(y) * k1, at(t + direction * h0))
     d2 = _rms((k - k1) / scale) / h0
     d12 = torch.maximum(d1, d2)
     h1 = torch.where(d12 <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), (0.01 / d12) ** 0.2)
@@ -134,19 +166,17 @@ def rk45_solve(F: Field, y: Tensor, t0: float, t1: float, rtol: float = 1e-5, at
         remaining = span - traveled
         active = remaining > 0
         h_eff = torch.where(active, torch.minimum(h, remaining), torch.zeros_like(h))  # [B]
-        hd = direction * h_eff  # signed step in t
-        hx = per_sample(hd, y).to(y)
+        hx = per_sample(direction * h_eff, y).to(y)
         # 2. the six stages; k7 = F(y5, t + h) is the next step's k1 (first same as last)
         ks = [k1]
-        for i in range(1, 6):
-            yi = y + hx * sum(a * kj for a, kj in zip(_A[i], ks))
-            ks.append(F(yi, _t_like(t + _C[i] * hd, y)))
-        y5 = y + hx * sum(b * kj for b, kj in zip(_B, ks))
-        k7 = F(y5, _t_like(t + hd, y))
-        ks.append(k7)
+        for c, a in zip(_C[1:], _A[1:]):
+            y_stage = y + hx * sum(a_j * k_j for a_j, k_j in zip(a, ks))
+            ks.append(F(y_stage, at(t + direction * c * h_eff)))
+        y5 = y + hx * sum(b_j * k_j for b_j, k_j in zip(_B, ks))
+        k7 = F(y5, at(t + direction * h_eff))
         # 3. the embedded error estimate, scaled by the tolerances
-        err = hx * sum(e * kj for e, kj in zip(_E, ks))
-        err_norm = _rms(err / (atol + rtol * torch.maximum(y.abs(), y5.abs())))  # [B]
+        err = hx * sum(e_j * k_j for e_j, k_j in zip(_E, [*ks, k7]))
+        err_norm = _rms(err / (atol + rtol * torch.maximum(y.abs(), y5.abs())))
         if not per_sample_steps:
             err_norm = err_norm.max().expand(B)
         accept = (err_norm <= 1) & active
@@ -169,90 +199,29 @@ def rk45_solve(F: Field, y: Tensor, t0: float, t1: float, rtol: float = 1e-5, at
     return y, step
 
 
-def _check_ode_arguments(method: str, steps: int, rtol: float, atol: float, t_start: float, t_end: float) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; valid methods: {', '.join(METHODS)}")
-    if method == "rk45":
-        check_tolerances(rtol, atol)
-    else:
-        check_steps(steps)
-    for name, value in (("t_start", t_start), ("t_end", t_end)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+@torch.no_grad()
+def sample_rk45(den: Denoiser, x: Tensor, grid: Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+                per_sample_steps: bool = True, generator: torch.Generator | None = None,
+                callback: Callback | None = None) -> Tensor:
+    """Adaptive RK45 on the PF-ODE from grid[0] to grid[-1] (the times between are not used);
+    a last time where the slope is undefined is reached by one Euler step from grid[-2]."""
+    check_tolerances(rtol, atol)
+    grid = check_grid(grid)
+    end = len(grid) - 1 if den.slope_defined_at(grid[-1]) else len(grid) - 2
+    if end == 0:
+        raise ValueError("rk45 needs a grid with a time after the first where the slope is defined")
+    ends = grid[[0, end]]
 
+    def record(step: int, y: Tensor, t: Tensor, t_next: float | Tensor, last: bool = False) -> Tensor | None:
+        den.step = step
+        if callback is not None:
+            return callback({"i": step - 1, "x": y, "t": t, "t_next": t_next, "nfe": den.nfe, "last": last})
 
-def pf_ode_solve(model: Denoiser | Callable, process: SDE, x: Tensor, *, t_start: float, t_end: float,
-                 method: str = "rk45", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
-                 per_sample_steps: bool = True, y: Tensor | None = None, cfg_scale: float | None = None,
-                 null_label: int | None = None, return_trajectory: bool = False,
-                 progress: bool = True) -> SampleResult:
-    """Carry x from t_start to t_end along the probability-flow ODE (either direction).
-
-    Args:
-        model: a `Denoiser`, or a plain `score_fn(x, t)`.
-        process: the diffusion (an `SDE` or `minidit.flow.FlowProcess`).
-        x: the state at t_start [B, ...].
-        method: "euler", "heun" (uniform grid of `steps` steps) or "rk45" (adaptive).
-        steps, rtol, atol, per_sample_steps: see `fixed_step_solve` and `rk45_solve`.
-        y, cfg_scale, null_label: labels and classifier-free guidance.
-        return_trajectory: keep x after every step (on the CPU).
-
-    Returns:
-        SampleResult with the state at t_end.
-    """
-    _check_ode_arguments(method, steps, rtol, atol, t_start, t_end)
-    den = as_denoiser(model, process, y, cfg_scale, null_label)
-    trajectory, times = ([x.cpu()], [float(t_start)]) if return_trajectory else (None, [])
-
-    def F(xt: Tensor, t: Tensor) -> Tensor:
-        return den.velocity(xt, t)
-
-    def record(step: int, xt: Tensor, t: float) -> None:
-        den.step = step + 1
-        if trajectory is not None:
-            trajectory.append(xt.cpu())
-            times.append(t)
-
-    with torch.no_grad():
-        if method == "rk45":
-            x = rk45_solve(F, x, t_start, t_end, rtol, atol, per_sample_steps,
-                           callback=lambda i, xt, t: record(i - 1, xt, float(t.mean())), progress=progress)[0]
-        else:
-            ts = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
-            x = fixed_step_solve(F, x, ts, method, lambda i, xt: record(i, xt, float(ts[i + 1])), progress)
-    return SampleResult(x, den.nfe, trajectory, times)
-
-
-def ode_sample(model: Denoiser | Callable, process: SDE, shape: tuple[int, ...] | None = None, *,
-               method: str = "heun", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
-               per_sample_steps: bool = True, t_start: float = 1.0, t_end: float | None = None,
-               x_init: Tensor | None = None, y: Tensor | None = None, cfg_scale: float | None = None,
-               null_label: int | None = None, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-               return_trajectory: bool = False, progress: bool = True) -> SampleResult:
-    """Sample by integrating the PF-ODE from prior noise at t_start to t_end (default process.t_eps).
-
-    The prior is N(0, sigma(t_start)² I) of `shape` unless x_init is given; the other
-    arguments are those of `pf_ode_solve`. Euler takes `steps` evaluations, Heun 2·steps.
-    """
-    t_end = process.t_eps if t_end is None else t_end
-    _check_ode_arguments(method, steps, rtol, atol, t_start, t_end)  # before drawing any noise
-    x = initial_noise(process, t_start, shape, x_init, generator, device, dtype)
-    return pf_ode_solve(model, process, x, t_start=t_start, t_end=t_end, method=method, steps=steps,
-                        rtol=rtol, atol=atol, per_sample_steps=per_sample_steps, y=y, cfg_scale=cfg_scale,
-                        null_label=null_label, return_trajectory=return_trajectory, progress=progress)
-
-
-def ode_euler(model, process, shape=None, **kwargs) -> SampleResult:
-    """`ode_sample` with method="euler"."""
-    return ode_sample(model, process, shape, method="euler", **kwargs)
-
-
-def ode_heun(model, process, shape=None, **kwargs) -> SampleResult:
-    """`ode_sample` with method="heun"."""
-    return ode_sample(model, process, shape, method="heun", **kwargs)
-
-
-def ode_rk45(model, process, shape=None, **kwargs) -> SampleResult:
-    """`ode_sample` with method="rk45" (adaptive; `steps` is ignored)."""
-    return ode_sample(model, process, shape, method="rk45", **kwargs)
+    x = rk45_solve(den.velocity, x, float(ends[0]), float(ends[1]), rtol, atol, per_sample_steps,
+                   callback=lambda step, y, t: record(step, y, None, float(t.mean())))[0]
+    if end < len(grid) - 1:  # the last step, onto a time where the slope is undefined
+        x = euler_step(den.velocity, x, grid[-2], grid[-1])
+        replaced = record(den.step + 1, x, grid[-2], grid[-1], last=True)
+        x = x if replaced is None else replaced
+    den.check_finite()
+    return x

@@ -1,6 +1,6 @@
 """A small MLP denoiser for low-dimensional (2-D) toy data, with a sinusoidal time embedding.
 
-The timestep enters through the Transformer's sinusoidal features of t [Vaswani et al.
+The timestep enters through the Transformer's sinusoidal features of t (`minidit.embeddings`) [Vaswani et al.
 2017, Sec. 3.5], as in DDPM's U-Net [DDPM, App. B]:
 
     emb(t) = [cos(t·ω_0), ..., cos(t·ω_{F/2−1}), sin(t·ω_0), ..., sin(t·ω_{F/2−1})],
@@ -19,20 +19,12 @@ smaller denoiser of whole images, stands in for the DiT in tests of the training
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of t [B] (int or float) -> [B, dim] float32 (dim even)."""
-    half = dim // 2
-    j = torch.arange(half, dtype=torch.float32, device=t.device)  # [F/2]
-    omega = torch.exp(-math.log(max_period) * j / half)  # [F/2]
-    angles = t.float().unsqueeze(1) * omega.unsqueeze(0)  # [B, F/2]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # [B, F]
+from minidit.embeddings import timestep_frequencies
 
 
 @dataclass
@@ -78,7 +70,7 @@ class ToyDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x [B, dim], t [B] -> prediction [B, dim]."""
-        features = sinusoidal_embedding(t * self.config.t_scale, self.config.t_features)  # [B, F]
+        features = timestep_frequencies(t * self.config.t_scale, self.config.t_features)  # [B, F]
         e = self.embed_t(features.to(x.dtype))  # [B, D]
         if self.embed_y is not None:
             if y is None:  # no label given: the null label

@@ -17,6 +17,15 @@ import torch
 from torch import Tensor, nn
 
 
+def steps(t: Tensor) -> Tensor:
+    """Integer steps from the time input a DDPM network gets (minidit passes T·t − 1 as floats,
+    exactly integral on DDPM's grids; anything else is a bug of the time map)."""
+    if t.is_floating_point():
+        assert bool(((t - t.round()).abs() < 1e-6).all()), f"DDPM steps must be integers, got {t}"
+        return t.round().long()
+    return t
+
+
 def _out(kind: str, eps: Tensor, x0: Tensor, ab: Tensor) -> Tensor:
     if kind == "eps":
         return eps
@@ -38,7 +47,7 @@ class ExactGaussian(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        ab = self.alpha_bar[t].unsqueeze(-1)  # [B, 1]
+        ab = self.alpha_bar[steps(t)].unsqueeze(-1)  # [B, 1]
         lam, U = torch.linalg.eigh(self.cov)  # cov = U diag(lam) Uᵀ, so C⁻¹ = U diag(1/(ab·lam + 1 − ab)) Uᵀ
         z = (x - ab.sqrt() * self.mu) @ U  # [B, D] in the eigenbasis
         r = (z / (ab * lam + 1 - ab)) @ U.T  # C⁻¹(x − √ab·mu), [B, D]
@@ -66,7 +75,7 @@ class ExactMixture(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         self.calls += 1
         K, D = self.means.shape
-        ab = self.alpha_bar[t].reshape(-1, 1, 1)  # [B, 1, 1]
+        ab = self.alpha_bar[steps(t)].reshape(-1, 1, 1)  # [B, 1, 1]
         c = ab * self.stds.reshape(1, K, 1) ** 2 + (1 - ab)  # [B, K, 1] marginal variance per component
         diff = x.unsqueeze(1) - ab.sqrt() * self.means.unsqueeze(0)  # [B, K, D]
         c_k = c.squeeze(-1)  # [B, K]

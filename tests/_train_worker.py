@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from minidit.train import TrainConfig, make_objective, train
+from minidit.run.build import make_objective
+from minidit.run.config import TrainConfig
+from minidit.run.engine import train
 
 
 class DenoiseObjective:

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from minidit.autoencoder import (AUTOENCODER_CONFIGS, Autoencoder, AutoencoderConfig, AutoencoderObjective,
-                                 DiagonalGaussian, latent_scaling_factor, make_autoencoder, psnr)
-from minidit.objectives import objective_from_config
+from minidit.autoencoder import (AUTOENCODER_CONFIGS, Autoencoder, AutoencoderConfig, DiagonalGaussian,
+                                 evaluate_reconstructions, latent_scaling_factor, make_autoencoder, psnr)
+from minidit.run.build import OBJECTIVES
+from minidit.run.latent import AutoencoderObjective
+from minidit.run.objectives import objective_from_config
 
 
 @pytest.mark.parametrize("name,image,latent", [("ae-mnist", (1, 28, 28), (4, 7, 7)),
@@ -115,7 +117,7 @@ def test_psnr_closed_form():
 def test_objective_is_reconstruction_plus_beta_kl_per_pixel():
     torch.manual_seed(0)
     ae = make_autoencoder("ae-mnist", channels=[8, 8, 8])
-    objective = objective_from_config({"kind": "autoencoder", "beta": 0.5, "null_label": None})
+    objective = objective_from_config({"kind": "autoencoder", "beta": 0.5, "null_label": None}, OBJECTIVES)
     assert objective.config() == {"kind": "autoencoder", "beta": 0.5, "null_label": None}
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     loss, t = objective.loss(ae, x0, None, torch.Generator().manual_seed(5))
@@ -142,7 +144,6 @@ class _Identity(nn.Module):
 
 def test_reconstructions_are_scored_on_the_floor_images(mnist_root):
     """A perfect round trip reproduces the floor's own images: its FD is the floor exactly."""
-    from minidit.autoencoder import evaluate_reconstructions
 
     scores = evaluate_reconstructions(_Identity(), "mnist", 200, root=str(mnist_root))
     assert scores["fd"] == pytest.approx(scores["fd_floor"], rel=1e-9)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from _train_worker import tiny_config
-from minidit import checkpoint as ckpt
-from minidit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from minidit.train import train
+from minidit.run import checkpoint as ckpt
+from minidit.run.build import load_checkpoint
+from minidit.run.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from minidit.run.engine import train
 
 
 def _state(value: float) -> dict:

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from minidit import commands
-from minidit.checkpoint import file_mode, load_checkpoint
-from minidit.cli import main, resolve_config
-from minidit.train import PRESETS, make_model, make_objective
+from minidit.cli import config_from_preset, main
+from minidit.run import outputs
+from minidit.run.build import load_checkpoint, make_model, make_objective
+from minidit.run.checkpoint import file_mode
+from minidit.run.config import PRESETS
+from minidit.run.generate import class_labels, draw
 
 TINY = ["model=mlp", "dataset=synthetic", "dataset_size=64", "batch_size=16", "model_overrides.hidden=16",
         "log_every=5", "sample_every=0", "checkpoint_every=0", "lr=1e-3"]
@@ -71,7 +73,7 @@ def test_train_resume_continues_the_run(runs, tmp_path, capsys):
 
 
 def test_overrides_are_converted_to_the_field_types():
-    config = resolve_config("mnist-cpu", ["steps=1e3", "lr=0.002", "cosine=false", "grad_clip=none",
+    config = config_from_preset("mnist-cpu", ["steps=1e3", "lr=0.002", "cosine=false", "grad_clip=none",
                                           "betas=0.9,0.95", "dataset_size=100", "objective.kind=flow",
                                           "objective.cfg_scale=2", "model_overrides.depth=2"])
     assert config.steps == 1000 and isinstance(config.steps, int)
@@ -140,8 +142,8 @@ def test_sample_png_and_given_labels_and_seed(runs, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--sampler", "euler"], ["cannot drive sampler 'euler'", "ddim", "dpm_solver++"]),
-    (["--sampler", "ddpm", "--steps", "3"], ["chooses its own number of steps"]),
+    (["--sampler", "plms"], ["cannot drive sampler 'plms'", "ddim", "dpm_solver++"]),
+    (["--sampler", "rk45", "--steps", "3"], ["chooses its own steps"]),
     (["--labels", "10"], ["labels must lie in [0, 10)"]),
     (["--steps", "0"], ["steps must be a positive int"]),
 ])
@@ -175,7 +177,7 @@ def test_sample_output_errors_keep_what_was_there(runs, tmp_path, monkeypatch, c
         Path(path).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(commands.np, "savez", failing_savez)
+    monkeypatch.setattr(outputs.np, "savez", failing_savez)
     assert _sample(ckpt, out, "--n", "2") == 1
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier results"
@@ -215,22 +217,21 @@ def test_help_of_each_subcommand(command, words, capsys):
 def _nfe(name: str, N: int | None, T: int) -> int | None:
     """Network calls per sample of each sampler with N steps (None: adaptive)."""
     N = N or 0
-    return {"ddpm": T, "ddim": N, "euler_maruyama": N, "reverse_diffusion": N, "langevin": N, "pc": 2 * N,
-            "ode_euler": N, "ode_heun": 2 * N, "edm": 2 * N - 1, "dpm_solver++": N, "euler": N,
-            "heun": 2 * N}.get(name)
+    return {"ddpm": N or T, "ddim": N, "euler_maruyama": N, "reverse_diffusion": N, "langevin": N, "pc": 2 * N,
+            "edm": 2 * N - 1, "dpm_solver++": N, "euler": N, "heun": 2 * N}.get(name)
 
 
 @pytest.mark.parametrize("kind", list(OBJECTIVES))
 def test_every_sampler_the_objective_can_drive(runs, kind):
     model, ema_model, objective, config = load_checkpoint(runs[kind] / "latest.pt")
-    names = commands.sampler_names(objective)
-    assert {"ode_euler", "ode_heun", "ode_rk45", "edm", "dpm_solver++"} <= set(names)
-    labels = commands.class_labels(6, 10)
+    names = objective.sampler_names()
+    assert {"ddim", "euler", "heun", "rk45", "edm", "dpm_solver++"} <= set(names)
+    labels = class_labels(6, 10)
     for name in names:
-        N = None if name in commands.OWN_STEPS else 3
-        loose = {"rtol": 1e-3, "atol": 1e-3} if "rk45" in name else {}
-        sampler = commands.make_sampler(objective, ema_model, name, N, cfg_scale=2.0, **loose)
-        out = commands.draw(sampler, labels, (1, 8, 8), batch_size=4, seed=0)
+        N = None if name == "rk45" or (kind == "ddpm" and name == "ddpm") else 3
+        loose = {"rtol": 1e-3, "atol": 1e-3} if name == "rk45" else {}
+        sampler = objective.make_sampler(ema_model, name, N, cfg_scale=2.0, **loose)
+        out = draw(sampler, labels, (1, 8, 8), batch_size=4, seed=0)
         assert out["images"].shape == (6, 1, 8, 8) and torch.isfinite(out["images"]).all(), name
         expected = _nfe(name, N, getattr(objective, "T", 0))
         if expected is None:  # adaptive RK45: at least its 2 start-up calls and one step of 7
@@ -239,14 +240,14 @@ def test_every_sampler_the_objective_can_drive(runs, kind):
             assert out["nfe"] == expected, name
 
 
-@pytest.mark.parametrize("kind, name", [("ddpm", "ddim"), ("ddpm", "dpm_solver++"), ("sde", "ode_heun"),
+@pytest.mark.parametrize("kind, name", [("ddpm", "ddim"), ("ddpm", "dpm_solver++"), ("sde", "heun"),
                                         ("flow", "euler"), ("flow", "edm")])
 def test_guidance_scale_0_is_the_null_label_and_1_the_label(runs, kind, name):
     _, ema_model, objective, _ = load_checkpoint(runs[kind] / "latest.pt")
     y, null = torch.tensor([1, 2, 3]), torch.full((3,), objective.null_label)
 
     def run(cfg_scale, labels):
-        sampler = commands.make_sampler(objective, ema_model, name, 3, cfg_scale)
+        sampler = objective.make_sampler(ema_model, name, 3, cfg_scale)
         return sampler((3, 1, 8, 8), labels, torch.Generator().manual_seed(5)).x
 
     # equal up to float32 round-off, which differs between batches of 2B and B rows and which
@@ -256,22 +257,27 @@ def test_guidance_scale_0_is_the_null_label_and_1_the_label(runs, kind, name):
 
 
 def test_default_sampling_comes_from_the_objective():
-    config = resolve_config("mnist-cpu", [*TINY, 'objective={"kind": "ddpm", "sampler": "ddpm", "cfg_scale": 3}'])
+    config = config_from_preset("mnist-cpu", [*TINY, 'objective={"kind": "ddpm", "sampler": "ddpm", "cfg_scale": 3}'])
     objective = make_objective(config)
-    assert commands.default_sampling(objective) == {"sampler": "ddpm", "steps": None, "cfg_scale": 3.0}
-    sampler = commands.make_sampler(objective, make_model(config))
-    assert (sampler.name, sampler.steps, sampler.cfg_scale) == ("ddpm", None, 3.0)
+    sampler = objective.make_sampler(make_model(config))
+    assert (sampler.name, sampler.steps, sampler.grid, sampler.cfg_scale) == ("ddpm", None, "ddpm", 3.0)
+    # any grid with any solver: DDIM on Karras' noise levels, Heun on DDPM's steps
+    for name, grid in (("ddim", "karras"), ("heun", "ddpm"), ("dpm_solver++", "uniform")):
+        bound = objective.make_sampler(make_model(config), name, 4, grid=grid)
+        assert bound.grid == grid and torch.isfinite(bound((2, 1, 8, 8), torch.tensor([0, 1])).x).all()
+    with pytest.raises(ValueError, match="unknown grid"):
+        objective.make_sampler(make_model(config), "ddim", 4, grid="cubic")
 
 
 def test_guidance_needs_a_conditional_model():
-    config = resolve_config("mnist-cpu", [*TINY, "class_conditional=false"])
+    config = config_from_preset("mnist-cpu", [*TINY, "class_conditional=false"])
     with pytest.raises(ValueError, match="class-conditional"):
-        commands.make_sampler(make_objective(config), make_model(config), "euler", 2, cfg_scale=2.0)
+        make_objective(config).make_sampler(make_model(config), "euler", 2, cfg_scale=2.0)
     # the preset's own guidance scale does not apply to an unconditional model
-    assert commands.make_sampler(make_objective(config), make_model(config), "euler", 2).cfg_scale == 1.0
-    assert commands.class_labels(3, 0).tolist() == [-1, -1, -1]
+    assert make_objective(config).make_sampler(make_model(config), "euler", 2).cfg_scale == 1.0
+    assert class_labels(3, 0).tolist() == [-1, -1, -1]
     with pytest.raises(ValueError, match="unconditional"):
-        commands.class_labels(3, 0, [1])
+        class_labels(3, 0, [1])
 
 
 # ----------------------------------------------------------------------------- eval
@@ -298,7 +304,8 @@ def test_eval_of_a_short_mnist_dit_run(mnist_root, tmp_path, capsys):
                "--steps", "3", "--cfg", "1.5", "--json", "--device", "cpu", "--no-progress"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "cfg_scale", "nfe", "seconds"}
+    assert set(result) == {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "grid", "cfg_scale", "nfe",
+                           "seconds"}
     assert result["n"] == 30 and result["sampler"] == "dpm_solver++" and result["nfe"] == 3
     assert result["cfg_scale"] == 1.5 and result["steps"] == 3 and result["seconds"] > 0
     assert result["fd"] >= 0 and result["fd_floor"] > 0 and 0 <= result["accuracy"] <= 1

@@ -9,13 +9,28 @@ import pytest
 import torch
 from _exact_models import ExactGaussian, ExactMixture, moment_z_scores
 
-from minidit.ddim import ddim_invert, ddim_sample, ddim_timesteps
-from minidit.ddpm import GaussianDiffusion
+from minidit.ddim import ddim_invert, sample_ddim
+from minidit.ddpm import sample_ddpm
+from minidit.denoiser import Denoiser
+from minidit.grids import Trajectory, ddpm_grid, ddpm_timesteps
 from minidit.schedules import make_schedule
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 COV = torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)
 EYE = torch.eye(2, dtype=torch.float64)
+
+
+def denoiser(model, schedule, kind="eps"):
+    return Denoiser(model, kind, schedule.process, time_scale=schedule.T, time_shift=-1.0)
+
+
+def ddim(model, schedule, shape, steps=50, eta=0.0, kind="eps", x_T=None, generator=None, timesteps=None,
+         callback=None):
+    """DDIM on DDPM's spaced steps from x_T ~ N(0, I) (or the given x_T)."""
+    g = generator or torch.Generator().manual_seed(0)
+    x_T = torch.randn(shape, generator=g, dtype=torch.float64) if x_T is None else x_T
+    grid = ddpm_grid(schedule.T, steps, timesteps=timesteps)
+    return sample_ddim(denoiser(model, schedule, kind), x_T, grid, eta=eta, generator=g, callback=callback)
 
 
 def _exact_law(schedule, taus: list[int], eta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,25 +54,24 @@ def _exact_law(schedule, taus: list[int], eta: float) -> tuple[torch.Tensor, tor
 
 
 def test_timestep_helpers():
-    assert ddim_timesteps(1000, 10).tolist() == list(range(99, 1000, 100))
-    assert ddim_timesteps(1000, 1).tolist() == [999]
-    assert torch.equal(ddim_timesteps(50, 50, "quadratic"), torch.arange(50))
+    assert ddpm_timesteps(1000, 10).tolist() == list(range(99, 1000, 100))
+    assert ddpm_timesteps(1000, 1).tolist() == [999]
+    assert torch.equal(ddpm_timesteps(50, 50, "quadratic"), torch.arange(50))
     for spacing in ("uniform", "quadratic"):
         for steps in (2, 7, 50, 400, 1000):
-            taus = ddim_timesteps(1000, steps, spacing)
+            taus = ddpm_timesteps(1000, steps, spacing)
             assert len(taus) == steps and taus[-1] == 999 and taus[0] >= 0
             assert bool((taus[1:] > taus[:-1]).all())
-    gaps = ddim_timesteps(1000, 20, "quadratic").diff()
+    gaps = ddpm_timesteps(1000, 20, "quadratic").diff()
     assert bool((gaps[1:] >= gaps[:-1]).all()) and gaps[0] < gaps[-1]  # denser near the data
 
 
 @pytest.mark.parametrize("steps,eta,kind", [(10, 0.0, "eps"), (50, 0.0, "v"), (50, 0.5, "x0")])
 def test_ddim_samples_follow_the_exact_finite_step_law(steps, eta, kind):
     s = make_schedule("linear", 1000)
-    d = GaussianDiffusion(s, prediction=kind)
-    x = ddim_sample(d, ExactGaussian(MU, COV, s.alpha_bar, kind), (4000, 2), steps=steps, eta=eta,
-                    generator=torch.Generator().manual_seed(0), progress=False)
-    m, P = _exact_law(s, ddim_timesteps(1000, steps).tolist(), eta)
+    x = ddim(ExactGaussian(MU, COV, s.alpha_bar, kind), s, (4000, 2), steps=steps, eta=eta, kind=kind,
+             generator=torch.Generator().manual_seed(0))
+    m, P = _exact_law(s, ddpm_timesteps(1000, steps).tolist(), eta)
     z_mean, z_cov = moment_z_scores(x, m, P)
     assert z_mean.max() < 4 and z_cov.max() < 4
 
@@ -69,7 +83,7 @@ def test_ddim_law_converges_to_the_data_at_first_order(name):
     s = make_schedule(name, 1000)
     err = {}
     for steps in (10, 50, 250, 1000):
-        m, P = _exact_law(s, ddim_timesteps(1000, steps).tolist(), 0.0)
+        m, P = _exact_law(s, ddpm_timesteps(1000, steps).tolist(), 0.0)
         err[steps] = float(((P - COV).abs() / COV).max())
         assert (m - MU).abs().max() < 4e-3  # x_T ~ N(0, I) ignores sqrt(ᾱ_T)·mu ≈ 0.006·mu
     assert err[1000] < 0.01
@@ -79,11 +93,11 @@ def test_ddim_law_converges_to_the_data_at_first_order(name):
 
 def test_eta_zero_is_deterministic():
     s = make_schedule("cosine", 1000)
-    d, model = GaussianDiffusion(s), ExactGaussian(MU, COV, s.alpha_bar)
+    model = ExactGaussian(MU, COV, s.alpha_bar)
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
     def run(seed, eta=0.0):
-        g = torch.Generator().manual_seed(seed)
-        return ddim_sample(d, model, (16, 2), steps=20, x_T=x_T, eta=eta, generator=g, progress=False)
+        return ddim(model, s, (16, 2), steps=20, x_T=x_T, eta=eta, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(2), run(3), run(3, eta=0.3)
     assert torch.equal(a, b) and not torch.allclose(a, c)
@@ -92,24 +106,25 @@ def test_eta_zero_is_deterministic():
 def test_eta_one_on_every_step_is_ddpm_with_posterior_variance():
     # σ_t² = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t = β̃_t and the same mean: the same draws give the same path
     s = make_schedule("linear", 1000)
-    d, model = GaussianDiffusion(s), ExactGaussian(MU, COV, s.alpha_bar)
+    model = ExactGaussian(MU, COV, s.alpha_bar)
     x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = ddim_sample(d, model, (8, 2), steps=1000, eta=1.0, x_T=x_T, generator=g1, progress=False)
-    b = d.sample(model, (8, 2), variance="posterior", x_T=x_T, generator=g2, progress=False)
+    a = ddim(model, s, (8, 2), steps=1000, eta=1.0, x_T=x_T, generator=g1)
+    b = sample_ddpm(denoiser(model, s), x_T, ddpm_grid(1000), variance="posterior", generator=g2)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_inversion_then_sampling_returns_the_start():
     s = make_schedule("cosine", 1000)
-    d, model = GaussianDiffusion(s), ExactGaussian(MU, COV, s.alpha_bar)
+    model = ExactGaussian(MU, COV, s.alpha_bar)
     z = torch.randn(100, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     x0 = MU + z @ torch.linalg.cholesky(COV).T
     err = {}
     for steps in (50, 200, 1000):
-        x_T, traj = ddim_invert(d, model, x0, steps=steps, progress=False, return_trajectory=True)
-        assert traj.shape == (steps + 1, 100, 2) and torch.equal(traj[0], x0)
-        back = ddim_sample(d, model, (100, 2), steps=steps, x_T=x_T, progress=False)
+        traj = Trajectory(x0)
+        x_T = ddim_invert(denoiser(model, s), x0, ddpm_grid(1000, steps), callback=traj)
+        assert len(traj.xs) == steps + 1 and torch.equal(traj.xs[0], x0) and torch.equal(traj.xs[-1], x_T)
+        back = ddim(model, s, (100, 2), steps=steps, x_T=x_T)
         err[steps] = float((back - x0).abs().max())
     # first-order round-trip error: a quarter of the steps size gives about 4x the error
     assert err[1000] < 0.02 and err[200] < err[50] / 2.5 and err[1000] < err[200] / 2.5
@@ -122,27 +137,26 @@ def test_ddim_recovers_mixture_weights(steps):
     weights = torch.tensor([0.5, 0.3, 0.2])
     model = ExactMixture(means, torch.tensor([0.3, 0.2, 0.4]), weights, s.alpha_bar)
     N = 4000
-    g = torch.Generator().manual_seed(7)
-    x, traj = ddim_sample(GaussianDiffusion(s), model, (N, 2), steps=steps, generator=g, progress=False,
-                          return_trajectory=True)
-    assert traj.shape == (steps + 1, N, 2) and model.calls == steps
+    traj = Trajectory()
+    x = ddim(model, s, (N, 2), steps=steps, generator=torch.Generator().manual_seed(7), callback=traj)
+    assert len(traj.xs) == steps and model.calls == steps
     freq = torch.bincount(torch.cdist(x, means.double()).argmin(1), minlength=3).double() / N
     assert ((freq - weights.double()).abs() < 4 * (weights * (1 - weights) / N).sqrt()).all()
 
 
 def test_bad_input():
     s = make_schedule("linear", 100)
-    d, model = GaussianDiffusion(s), ExactGaussian(MU, COV, s.alpha_bar)
+    model = ExactGaussian(MU, COV, s.alpha_bar)
     with pytest.raises(ValueError, match="eta must lie in"):
-        ddim_sample(d, model, (4, 2), eta=1.5, progress=False)
+        ddim(model, s, (4, 2), eta=1.5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        ddim_sample(d, model, (4, 2), timesteps=torch.tensor([0, 50, 50, 99]), progress=False)
-    with pytest.raises(ValueError, match=r"timesteps must lie in 0..99"):
-        ddim_invert(d, model, torch.zeros(4, 2, dtype=torch.float64), timesteps=[0, 100], progress=False)
+        ddim(model, s, (4, 2), timesteps=torch.tensor([0, 50, 50, 99]))
+    with pytest.raises(ValueError, match=r"in 0..99"):
+        ddim_invert(denoiser(model, s), torch.zeros(4, 2, dtype=torch.float64), ddpm_grid(100, timesteps=[0, 100]))
     with pytest.raises(ValueError, match="steps must be an int in 1..T=100"):
-        ddim_timesteps(100, 101)
+        ddpm_timesteps(100, 101)
     with pytest.raises(ValueError, match="spacing.*uniform, quadratic"):
-        ddim_timesteps(100, 10, "cubic")
+        ddpm_timesteps(100, 10, "cubic")
     with pytest.raises(ValueError, match="shape"):
-        ddim_sample(d, lambda x, t: x.sum(1), (4, 2), progress=False)
-    assert math.isfinite(float(ddim_sample(d, model, (4, 2), timesteps=[3, 40, 99], progress=False).sum()))
+        ddim(lambda x, t: x.sum(1), s, (4, 2))
+    assert math.isfinite(float(ddim(model, s, (4, 2), timesteps=[3, 40, 99]).sum()))

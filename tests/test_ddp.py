@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from _train_worker import DenoiseObjective, tiny_config
-from minidit.checkpoint import read_checkpoint
-from minidit.train import train
+from minidit.run.checkpoint import read_checkpoint
+from minidit.run.engine import train
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 

@@ -11,8 +11,22 @@ import pytest
 import torch
 from _exact_models import ExactGaussian, ExactMixture, moment_z_scores
 
-from minidit.ddpm import GaussianDiffusion
+from minidit.ddpm import GaussianDiffusion, p_sample_step, sample_ddpm
+from minidit.denoiser import Denoiser
+from minidit.grids import Trajectory, ddpm_grid
 from minidit.schedules import make_schedule
+
+
+def denoiser(model, schedule, kind="eps"):
+    """A DDPM network on its table's process: step t at time (t + 1)/T, network time T·t − 1."""
+    return Denoiser(model, kind, schedule.process, time_scale=schedule.T, time_shift=-1.0)
+
+
+def ancestral(model, schedule, shape, kind="eps", seed=0, **options):
+    """DDPM's Algorithm 2 over all T steps from x_T ~ N(0, I)."""
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return sample_ddpm(denoiser(model, schedule, kind), x_T, ddpm_grid(schedule.T),
+                       generator=torch.Generator().manual_seed(seed + 1), **options)
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 COV = torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)
@@ -67,22 +81,27 @@ def test_posterior_is_bayes_rule_for_gaussians():
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
-def test_p_mean_variance_is_algorithm_2(kind):
+def test_p_sample_step_is_algorithm_2(kind):
     s = make_schedule("cosine", 1000)
     d = GaussianDiffusion(s, prediction=kind)
     eps_model = ExactGaussian(MU, COV, s.alpha_bar, "eps")
     g = torch.Generator().manual_seed(2)
     t = torch.randint(0, 1000, (256,), generator=g)
     xt = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(256, 2, generator=g, dtype=torch.float64)
     eps = eps_model(xt, t)
     beta, ab = s.betas[t].unsqueeze(1), s.alpha_bar[t].unsqueeze(1)
     algorithm_2 = (xt - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()  # [DDPM, Alg. 2 line 4]
+    den = denoiser(ExactGaussian(MU, COV, s.alpha_bar, kind), s, kind)
+    time = s.time(t)  # step t at (t + 1)/T, one per sample
+    torch.testing.assert_close(den(xt, time).eps, eps, rtol=1e-8, atol=1e-9)
     for variance, expected in (("beta", s.betas), ("posterior", d.posterior_variance)):
-        p = d.p_mean_variance(ExactGaussian(MU, COV, s.alpha_bar, kind), xt, t, variance=variance)
-        torch.testing.assert_close(p["mean"], algorithm_2, rtol=1e-8, atol=1e-9)
-        torch.testing.assert_close(p["eps"], eps, rtol=1e-8, atol=1e-9)
-        pos = t > 0
-        torch.testing.assert_close(p["variance"][pos, 0], expected[t[pos]])
+        mean = p_sample_step(den, xt, time, time - 1 / s.T, variance=variance, noise=torch.zeros_like(z))
+        noisy = p_sample_step(den, xt, time, time - 1 / s.T, variance=variance, noise=z)
+        torch.testing.assert_close(mean, algorithm_2, rtol=1e-8, atol=1e-9)
+        # σ_t z with σ_t² = β_t or β̃_t, and no noise on the step to the data (t = 0)
+        sigma = torch.where(t > 0, expected[t], 0.0).sqrt().unsqueeze(1)
+        torch.testing.assert_close(noisy - mean, sigma * z, rtol=1e-7, atol=1e-10)
 
 
 def test_training_loss_of_the_exact_predictor():
@@ -120,27 +139,11 @@ def test_equivalent_weighting_makes_targets_agree():
     assert t_drawn.dtype == torch.long and 0 <= int(t_drawn.min()) and int(t_drawn.max()) < 1000
 
 
-def test_label_dropout():
-    s = make_schedule("linear", 100)
-    means = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
-    model = ExactMixture(means, torch.tensor([0.3, 0.3]), torch.tensor([0.5, 0.5]), s.alpha_bar)
-    seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()))
-    x0, y = torch.zeros(4000, 2, dtype=torch.float64), torch.zeros(4000, dtype=torch.long)
-    d, g = GaussianDiffusion(s), torch.Generator().manual_seed(5)
-    d.training_losses(model, x0, y, generator=g, null_label=2, p_uncond=0.0)
-    d.training_losses(model, x0, y, generator=g, null_label=2, p_uncond=0.25)
-    assert torch.equal(seen[0], y)
-    dropped = (seen[1] == 2).double().mean()  # Binomial(4000, 0.25) fraction
-    assert abs(dropped - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 4000) and set(seen[1].tolist()) == {0, 2}
-
-
 @pytest.mark.parametrize("kind,variance", [("eps", "beta"), ("v", "posterior"), ("x0", "beta")])
 def test_ancestral_sampler_recovers_a_gaussian(kind, variance):
     s = make_schedule("linear", 1000)
     d = GaussianDiffusion(s, prediction=kind)
-    x = d.sample(ExactGaussian(MU, COV, s.alpha_bar, kind), (4000, 2), variance=variance,
-                 generator=torch.Generator().manual_seed(6), progress=False)
+    x = ancestral(ExactGaussian(MU, COV, s.alpha_bar, kind), s, (4000, 2), kind, seed=6, variance=variance)
     z_mean, z_cov = moment_z_scores(x, MU, COV)
     assert z_mean.max() < 4 and z_cov.max() < 4
 
@@ -151,9 +154,9 @@ def test_ancestral_sampler_recovers_mixture_weights():
     weights = torch.tensor([0.5, 0.3, 0.2])
     model = ExactMixture(means, torch.tensor([0.3, 0.2, 0.4]), weights, s.alpha_bar)
     N = 2000
-    x, traj = GaussianDiffusion(s).sample(model, (N, 2), generator=torch.Generator().manual_seed(7),
-                                          progress=False, return_trajectory=True)
-    assert traj.shape == (1001, N, 2) and torch.equal(traj[-1], x)
+    traj = Trajectory()
+    x = ancestral(model, s, (N, 2), seed=7, callback=traj)
+    assert len(traj.xs) == 1000 and torch.equal(traj.xs[-1], x) and model.calls == 1000
     component = torch.cdist(x, means.double()).argmin(1)  # components are > 5 std apart
     freq = torch.bincount(component, minlength=3).double() / N
     assert ((freq - weights.double()).abs() < 4 * (weights * (1 - weights) / N).sqrt()).all()
@@ -170,13 +173,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
         d.q_sample(x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="variance.*beta, posterior"):
-        d.sample(ExactGaussian(MU, COV, s.alpha_bar), (4, 2), variance="learned", progress=False)
+        ancestral(ExactGaussian(MU, COV, s.alpha_bar), s, (4, 2), variance="learned")
     with pytest.raises(ValueError, match="prediction.*eps, x0, v"):
         GaussianDiffusion(s, prediction="score")
     with pytest.raises(ValueError, match="weighting"):
         GaussianDiffusion(s, weighting="p2")
-    with pytest.raises(ValueError, match="null_label"):
-        d.training_losses(ExactGaussian(MU, COV, s.alpha_bar), x, y=torch.zeros(4).long(), p_uncond=0.1)
+    with pytest.raises(ValueError, match="variance.*beta, posterior"):
+        d.vb_terms(ExactGaussian(MU, COV, s.alpha_bar), x, x, torch.zeros(4).long(), variance="learned")
 
 
 # ----------------------------------------------------------------------------------

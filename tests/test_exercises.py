@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minidit import exercises as ex
-from minidit import notebooks as nbtools
+from minidit.exercises import notebooks as nbtools
 from minidit.cli import main
 
 from exercise_helpers import fails as _fails

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from minidit import exercises_continuous as ex
+from minidit import exercises as ex
 
 from exercise_helpers import fails as _fails
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minidit import exercises_transformers as ex
+from minidit import exercises as ex
 from minidit.attention import Attention
 from minidit.vit import patchify as library_patchify
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minidit import exercises_continuous as ex
+from minidit import exercises as ex
+from minidit.denoiser import Denoiser
+from minidit.exercises import continuous
+from minidit.flow import FlowProcess
+from minidit.grids import uniform_grid
+from minidit.ode import sample_euler
 
 
 def _bcast(t, x):
@@ -100,14 +105,12 @@ def test_euler_step_names_shape_and_time_argument():
 
 
 def test_the_probe_is_what_the_library_integrates():
-    """The reference step, repeated, is minidit.flow.flow_sample's Euler sampler."""
-    from minidit.flow import flow_sample
-
-    model = ex._VelocityProbe()
+    """The reference step, repeated, is minidit.ode.sample_euler on the flow's uniform grid."""
+    model = continuous._VelocityProbe()
     x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x, ts = x1, torch.linspace(1, 0, 6, dtype=torch.float64).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
         x = euler_flow_step(model, x, t, t_next)
-    lib = flow_sample(model, x_init=x1, steps=5, method="euler", dtype=torch.float64, progress=False)
-    torch.testing.assert_close(x, lib.x)
-    assert lib.nfe == 5
+    den = Denoiser(model, "velocity", FlowProcess())
+    torch.testing.assert_close(x, sample_euler(den, x1, uniform_grid(den.process, 5, t_end=0.0)))
+    assert den.nfe == 5

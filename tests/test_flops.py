@@ -59,7 +59,8 @@ def test_cli_prints_counts(capsys):
     assert main(["flops", "DiT-S/8"]) == 0
     assert "M parameters" in capsys.readouterr().out
     assert main(["flops", "DiT-M/2"]) == 2
-    assert "valid names" in capsys.readouterr().out
+    err = capsys.readouterr().err  # one line on stderr, with the command's prefix
+    assert err.startswith("minidit flops: error:") and "valid names" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

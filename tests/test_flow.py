@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from minidit import flow
-from minidit.denoisers import Denoiser, mixture_denoiser
-from minidit.edm import edm_sample
-from minidit.dpm_solver import dpm_solver_pp
-from minidit.flow import FlowProcess, flow_loss, flow_sample, interpolate, sample_t, velocity_target
-from minidit.ode import pf_ode_solve
-from minidit.toy import GaussianMixture
+from minidit.denoiser import Denoiser, convert
+from minidit.dpm_solver import sample_dpm_solver_2m
+from minidit.edm import EDMProcess
+from minidit.flow import FlowProcess, flow_loss, interpolate, sample_t, velocity_target
+from minidit.grids import karras_grid, log_snr_grid, uniform_grid
+from minidit.ode import sample_euler, sample_heun, sample_rk45
+from minidit.toy import GaussianMixture, mixture_denoiser
 
 
 MIX64 = GaussianMixture(torch.tensor([0.4, 0.6]), torch.tensor([[-1.5, 0.5], [1.0, -1.0]]),
@@ -35,13 +35,16 @@ def test_conversions_agree_with_the_exact_predictions():
     process = FlowProcess()
     x = torch.randn(40, 2, dtype=torch.float64)
     t = torch.rand(40, dtype=torch.float64) * 0.9 + 0.05
-    exact = {k: mixture_denoiser(MIX64, process, k).fn(x, t) for k in ("velocity", "eps", "x0", "score")}
-    v = exact["velocity"]
-    torch.testing.assert_close(flow.x0_from_velocity(v, x, t), exact["x0"])
-    torch.testing.assert_close(flow.eps_from_velocity(v, x, t), exact["eps"])
-    torch.testing.assert_close(flow.score_from_velocity(v, x, t), exact["score"])
-    torch.testing.assert_close(flow.velocity_from_eps(exact["eps"], x, t), v)
-    torch.testing.assert_close(flow.velocity_from_x0(exact["x0"], x, t), v)
+    exact = {k: mixture_denoiser(MIX64, process, k).network(x, t) for k in ("velocity", "eps", "x0", "score")}
+    v, tt = exact["velocity"], t[:, None]
+    # the flow's own closed forms: x̂0 = x − t v, ε̂ = x + (1 − t) v, score = −ε̂/t, and back
+    torch.testing.assert_close(convert(v, "velocity", "x0", x, t, process), x - tt * v)
+    torch.testing.assert_close(convert(v, "velocity", "eps", x, t, process), x + (1 - tt) * v)
+    torch.testing.assert_close(convert(v, "velocity", "score", x, t, process), -(x + (1 - tt) * v) / tt)
+    torch.testing.assert_close(convert(exact["eps"], "eps", "velocity", x, t, process), (exact["eps"] - x) / (1 - tt))
+    torch.testing.assert_close(convert(exact["x0"], "x0", "velocity", x, t, process), (x - exact["x0"]) / tt)
+    for kind in ("x0", "eps", "score"):
+        torch.testing.assert_close(convert(v, "velocity", kind, x, t, process), exact[kind])
     # the velocity is E[eps − x0 | x_t], which the generic kinds also state
     torch.testing.assert_close(v, exact["eps"] - exact["x0"])
 
@@ -99,23 +102,24 @@ def test_flow_loss_draws_t_in_range():
     assert seen[0].shape == (64,) and 0 < seen[0].min() and seen[0].max() < 1
 
 
+def _exact(den, x, t_start, t_end):
+    return sample_rk45(den, x, torch.tensor([t_start, t_end], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
 def test_flow_sampler_matches_the_adaptive_solution_and_checks_its_input():
     process = FlowProcess()
     den = mixture_denoiser(MIX64, process, "velocity")
     x1 = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = pf_ode_solve(den, process, x1, t_start=1.0, t_end=0.0, method="rk45", rtol=1e-9, atol=1e-9,
-                         progress=False).x
-    errors = {m: (flow_sample(den, x_init=x1, steps=50, method=m, dtype=torch.float64, progress=False).x - exact)
-              .norm(dim=1).mean().item() for m in ("euler", "heun")}
+    exact = _exact(den, x1, 1.0, 0.0)
+    grid = uniform_grid(process, 50, t_end=0.0)  # the flow's ODE reaches the data itself
+    errors = {m: (f(den, x1, grid) - exact).norm(dim=1).mean().item()
+              for m, f in (("euler", sample_euler), ("heun", sample_heun))}
     assert errors["heun"] < errors["euler"] / 10 and errors["heun"] < 1e-3
-    # a plain velocity function works too
-    plain = flow_sample(lambda x, t: den.fn(x, t), x_init=x1, steps=50, method="heun", dtype=torch.float64,
-                        progress=False).x
-    assert (plain - exact).norm(dim=1).mean().item() < 1e-3
-    with pytest.raises(ValueError, match="euler, heun, rk45"):
-        flow_sample(den, (4, 2), method="midpoint")
+    # a plain velocity function works too, and Heun keeps its correction onto t = 0 (a velocity is defined there)
+    plain = Denoiser(lambda x, t: den.network(x, t), "velocity", process)
+    assert (sample_heun(plain, x1, grid) - exact).norm(dim=1).mean().item() < 1e-3 and plain.nfe == 100
     with pytest.raises(ValueError, match="steps"):
-        flow_sample(den, (4, 2), steps=0)
+        uniform_grid(process, 0)
 
 
 def test_flow_model_drives_edm_and_dpm_solver():
@@ -124,24 +128,19 @@ def test_flow_model_drives_edm_and_dpm_solver():
     den = mixture_denoiser(MIX64, process, "velocity")
     t0 = 80 / 81
     x_start = t0 * torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-    def exact(t_end):
-        return pf_ode_solve(den, process, x_start, t_start=t0, t_end=t_end, method="rk45", rtol=1e-9, atol=1e-9,
-                            progress=False).x
-
-    edm = edm_sample(den, process, x_init=x_start, steps=400, sigma_min=1e-3, dtype=torch.float64,
-                     progress=False).x
-    assert (edm - exact(0.0)).norm(dim=1).mean() < 5e-4
-    dpm = dpm_solver_pp(den, process, x_init=x_start, steps=400, dtype=torch.float64, progress=False).x
-    assert (dpm - exact(process.t_eps)).norm(dim=1).mean() < 5e-4
+    edm = den.on(EDMProcess())
+    grid = karras_grid(edm.process, 400, sigma_min=1e-3, span=process)
+    x_edm = sample_heun(edm, x_start / float(process.alpha(torch.tensor(t0))), grid)  # EDM's x is x/alpha
+    assert (x_edm - _exact(den, x_start, t0, 0.0)).norm(dim=1).mean() < 5e-4
+    dpm = sample_dpm_solver_2m(den, x_start, log_snr_grid(process, 400))
+    assert (dpm - _exact(den, x_start, t0, process.t_eps)).norm(dim=1).mean() < 5e-4
 
 
 def test_score_model_on_the_flow_needs_t_below_one():
     process = FlowProcess()
-    den = Denoiser(mixture_denoiser(MIX64, process, "score").fn, "score", process)
-    with pytest.raises(ValueError, match="NaN or inf at step 0 .*keep t inside"):
-        pf_ode_solve(den, process, torch.randn(4, 2, dtype=torch.float64), t_start=1.0, t_end=0.5,
-                     method="euler", steps=4, progress=False)
+    den = Denoiser(mixture_denoiser(MIX64, process, "score").network, "score", process)
+    with pytest.raises(ValueError, match="NaN or inf at step 0 .*keep the grid inside"):
+        sample_euler(den, torch.randn(4, 2, dtype=torch.float64), uniform_grid(process, 4, 1.0, 0.5))
 
 
 def test_flow_sampler_starts_at_any_time_on_the_exact_linear_flow():
@@ -156,6 +155,6 @@ def test_flow_sampler_starts_at_any_time_on_the_exact_linear_flow():
         return x * (t - (1 - t) * s**2) / var  # E[ε − x0 | x_t] for Gaussian data
 
     xt = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    x0 = flow_sample(velocity, x_init=xt, t_start=t0, steps=200, method="heun", dtype=torch.float64,
-                     progress=False).x
+    den = Denoiser(velocity, "velocity", FlowProcess())
+    x0 = sample_heun(den, xt, uniform_grid(den.process, 200, t_start=t0, t_end=0.0))
     torch.testing.assert_close(x0, xt * s / math.sqrt((1 - t0) ** 2 * s**2 + t0**2), rtol=1e-5, atol=1e-6)

@@ -1,23 +1,30 @@
 """Classifier-free guidance (one batched call, the s = 0 and s = 1 limits, any prediction
-type, inside both samplers) and inpainting by replacement."""
+type, inside both samplers), label dropout, and inpainting by replacement."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from _exact_models import ExactGaussian, ExactMixture
 from torch import nn
 
-from minidit.ddim import ddim_sample
-from minidit.ddpm import GaussianDiffusion
-from minidit.guidance import Inpainting, cfg_predict, guided_output
-from minidit.parameterization import convert
+from minidit.ddim import sample_ddim
+from minidit.ddpm import sample_ddpm
+from minidit.denoiser import Denoiser, convert
+from minidit.grids import ddpm_grid
+from minidit.guidance import Inpainting, cfg_predict, drop_labels, guided
 from minidit.schedules import make_schedule
 
 MEANS = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
 STDS = torch.tensor([0.3, 0.2, 0.4])
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
 NULL = 3  # the mixture's null label
+
+
+def denoiser(model, schedule, kind="eps"):
+    return Denoiser(model, kind, schedule.process, time_scale=schedule.T, time_shift=-1.0)
 
 
 class CountingNet(nn.Module):
@@ -48,7 +55,8 @@ def test_cfg_limits_and_one_batched_call():
             torch.testing.assert_close(cfg_predict(net, x, t, y, scale, NULL), expected)
         assert net.batches == [10, 10, 10]  # one call per prediction, on the doubled batch
         net.batches.clear()
-        torch.testing.assert_close(guided_output(net, x, t, y), cond)  # s = 1: the plain model
+        den = guided(Denoiser(net, "eps", make_schedule("linear", 100).process, time_scale=100, time_shift=-1.0), y)
+        torch.testing.assert_close(den.network_output(x, (t + 1) / 100), cond)  # s = 1: the plain model
         assert net.batches == [5]
 
 
@@ -62,64 +70,73 @@ def test_cfg_is_the_same_for_every_prediction_type(kind):
     y = torch.randint(0, 3, (64,), generator=g)
     eps_guided = cfg_predict(ExactMixture(MEANS, STDS, WEIGHTS, s.alpha_bar, "eps"), x, t, y, 2.5, NULL)
     guided = cfg_predict(ExactMixture(MEANS, STDS, WEIGHTS, s.alpha_bar, kind), x, t, y, 2.5, NULL)
-    alpha, sigma = s.sqrt_alpha_bar[t].unsqueeze(1), s.sqrt_one_minus_alpha_bar[t].unsqueeze(1)
-    as_eps = convert(guided, kind, "eps", x, alpha, sigma)
+    as_eps = convert(guided, kind, "eps", x, s.time(t), s.process)
     torch.testing.assert_close(as_eps, eps_guided, rtol=1e-8, atol=1e-8)
 
 
 def test_samplers_make_one_model_call_per_step_with_guidance():
     s = make_schedule("linear", 50)
-    d, net = GaussianDiffusion(s), CountingNet()
+    net = CountingNet()
     y = torch.tensor([0, 1, 2, 1])
-    d.sample(net, (4, 3), y=y, cfg_scale=4.0, null_label=NULL, progress=False)
-    assert net.batches == [8] * 50
+    den = guided(denoiser(net, s), y, cfg_scale=4.0, null_label=NULL)
+    sample_ddpm(den, torch.randn(4, 3), ddpm_grid(50))
+    assert net.batches == [8] * 50 and den.nfe == 50
     net.batches.clear()
-    ddim_sample(d, net, (4, 3), steps=10, y=y, cfg_scale=4.0, null_label=NULL, progress=False)
+    sample_ddim(guided(denoiser(net, s), y, cfg_scale=4.0, null_label=NULL), torch.randn(4, 3), ddpm_grid(50, 10))
     assert net.batches == [8] * 10
     with pytest.raises(ValueError, match="null_label"):
-        ddim_sample(d, net, (4, 3), steps=10, y=y, cfg_scale=4.0, progress=False)
+        guided(denoiser(net, s), y, cfg_scale=4.0)
 
 
 def test_guided_samples_with_the_exact_conditional_model():
     s = make_schedule("cosine", 1000)
-    d = GaussianDiffusion(s)
     model = ExactMixture(MEANS, STDS, WEIGHTS, s.alpha_bar)
     N = 2000
     y = torch.full((N,), 1)
+
+    def run(scale, seed):
+        x_T = torch.randn(N, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return sample_ddim(guided(denoiser(model, s), y, scale, NULL), x_T, ddpm_grid(1000, 50))
+
     # s = 1: the conditional model, i.e. component 1 alone; its mean within 4 standard errors
-    x = ddim_sample(d, model, (N, 2), steps=50, y=y, cfg_scale=1.0, null_label=NULL,
-                    generator=torch.Generator().manual_seed(3), progress=False)
+    x = run(1.0, 3)
     assert bool((torch.cdist(x, MEANS.double()).argmin(1) == 1).all())
     assert ((x.mean(0) - MEANS[1]).abs() < 4 * STDS[1] / N**0.5).all()
     # s = 0: the unconditional model, i.e. the mixture with its weights
-    x = ddim_sample(d, model, (N, 2), steps=50, y=y, cfg_scale=0.0, null_label=NULL,
-                    generator=torch.Generator().manual_seed(4), progress=False)
+    x = run(0.0, 4)
     freq = torch.bincount(torch.cdist(x, MEANS.double()).argmin(1), minlength=3).double() / N
     assert ((freq - WEIGHTS.double()).abs() < 4 * (WEIGHTS * (1 - WEIGHTS) / N).sqrt()).all()
 
 
+def test_label_dropout_is_one_function():
+    y, g = torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(5)
+    assert torch.equal(drop_labels(y, 0.0, 2, g), y)
+    dropped = drop_labels(y, 0.25, 2, g)
+    rate = (dropped == 2).double().mean()  # Binomial(4000, 0.25) fraction
+    assert abs(rate - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 4000) and set(dropped.tolist()) == {0, 2}
+    force = torch.tensor([True, False] * 2000)
+    assert torch.equal(drop_labels(y, 0.9, 7, force=force), torch.where(force, 7, 0))
+
+
 def test_inpainting_keeps_the_known_pixels():
     s = make_schedule("cosine", 200)
-    d = GaussianDiffusion(s)
     mu, cov = torch.tensor([0.5, -1.0]), torch.tensor([[0.5, 0.3], [0.3, 0.4]])
-    model = ExactGaussian(mu, cov, s.alpha_bar)
+    den = denoiser(ExactGaussian(mu, cov, s.alpha_bar), s)
     g = torch.Generator().manual_seed(5)
     known = torch.randn(64, 2, generator=g, dtype=torch.float64)
     x_T = torch.randn(64, 2, generator=g, dtype=torch.float64)
     mask = torch.tensor([1.0, 0.0])  # coordinate 0 known, coordinate 1 generated
-    x = ddim_sample(d, model, (64, 2), steps=20, x_T=x_T, inpainting=Inpainting(known, mask), generator=g,
-                    progress=False)
+    x = sample_ddim(den, x_T, ddpm_grid(200, 20), callback=Inpainting(known, mask, s.process, g))
     torch.testing.assert_close(x[:, 0], known[:, 0])
-    x = d.sample(model, (64, 2), x_T=x_T, inpainting=Inpainting(known, mask), generator=g, progress=False)
+    x = sample_ddpm(den, x_T, ddpm_grid(200), generator=g, callback=Inpainting(known, mask, s.process, g))
     torch.testing.assert_close(x[:, 0], known[:, 0])
     # nothing known: plain (deterministic) DDIM; everything known: the known image
-    plain = ddim_sample(d, model, (64, 2), steps=20, x_T=x_T, progress=False)
+    plain = sample_ddim(den, x_T, ddpm_grid(200, 20))
 
     def inpaint(mask):
-        hook = Inpainting(known, mask)
-        return ddim_sample(d, model, (64, 2), steps=20, x_T=x_T, inpainting=hook, progress=False)
+        return sample_ddim(den, x_T, ddpm_grid(200, 20), callback=Inpainting(known, mask, s.process))
 
     torch.testing.assert_close(inpaint(torch.zeros(2)), plain)
     torch.testing.assert_close(inpaint(torch.ones(2)), known)
     with pytest.raises(ValueError, match="mask"):
-        Inpainting(known, torch.ones(3))
+        Inpainting(known, torch.ones(3), s.process)

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from minidit import commands
 from minidit.autoencoder import Autoencoder, latent_scaling_factor
-from minidit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from minidit.cli import main, resolve_config
-from minidit.latent import SCALING_IMAGES, LatentObjective, fingerprint, resolve_config as resolve_latent
-from minidit.objectives import FlowObjective
-from minidit.train import PRESETS, TrainConfig, load_dataset, make_model, train
+from minidit.cli import config_from_preset, main
+from minidit.run.build import load_checkpoint, make_model, training_data
+from minidit.run.checkpoint import CheckpointError, read_checkpoint
+from minidit.run.config import PRESETS, TrainConfig
+from minidit.run.engine import train
+from minidit.run.generate import sample_model
+from minidit.run.latent import SCALING_IMAGES, LatentObjective, fingerprint, with_autoencoder_facts
+from minidit.run.objectives import FlowObjective
 
 TINY = dict(dataset="synthetic", dataset_size=64, batch_size=16, log_every=5, sample_every=0, checkpoint_every=0,
             minutes=None, device="cpu")
@@ -58,7 +60,7 @@ def test_checkpoint_records_the_autoencoder(run):
     assert stored["fingerprint"] == fingerprint(ae_ema.state_dict())
     assert stored["latent_shape"] == [4, 2, 2] == list(ae_ema.latent_shape)
     # s = 1 / std of the latents of the same seeded subset of training images
-    images, _ = load_dataset(config)
+    images, _ = training_data(config)
     g = torch.Generator().manual_seed(config.seed)
     subset = images[torch.randperm(len(images), generator=g)[:SCALING_IMAGES]]
     assert stored["scaling_factor"] == pytest.approx(latent_scaling_factor(ae_ema, subset, generator=g), rel=1e-6)
@@ -90,14 +92,14 @@ def test_sample_decodes_latents_through_cli_and_library(run, tmp_path):
     images = np.load(out)["images"]
     assert images.shape == (6, 1, 8, 8) and np.isfinite(images).all()
     _, ema, objective, config = load_checkpoint(run["ckpt"])
-    drawn = commands.sample_model(ema, objective, config, 4, seed=3)
+    drawn = sample_model(ema, objective, config, 4, seed=3)
     assert drawn["images"].shape == (4, 1, 8, 8) and drawn["nfe"] == 3 and drawn["sampler"] == "euler"
-    assert commands.sampler_names(objective) == commands.sampler_names(objective.inner_objective)
+    assert objective.sampler_names() == objective.inner_objective.sampler_names()
     # the same seed draws the same latents as the inner sampler on the latent shape, then decodes them
-    inner = commands.make_sampler(objective.inner_objective, ema)
+    inner = objective.inner_objective.make_sampler(ema)
     g = torch.Generator().manual_seed(7)
     z0 = inner((2, 4, 2, 2), torch.tensor([0, 1]), g).x
-    x = commands.make_sampler(objective, ema)((2, 1, 8, 8), torch.tensor([0, 1]), torch.Generator().manual_seed(7)).x
+    x = objective.make_sampler(ema)((2, 1, 8, 8), torch.tensor([0, 1]), torch.Generator().manual_seed(7)).x
     torch.testing.assert_close(x, objective.decode(z0))
     assert (run["root"] / "latent" / "samples.png").is_file()  # the run's grid, decoded
 
@@ -144,14 +146,14 @@ def test_resume_keeps_the_recorded_autoencoder_facts(run, tmp_path):
 
 
 def test_presets_and_resolution_checks(run):
-    config = resolve_config("mnist-latent-cpu")  # builds without the autoencoder: its shape is in the preset
+    config = config_from_preset("mnist-latent-cpu")  # builds without the autoencoder: its shape is in the preset
     assert make_model(config).config.input_size == 7 and make_model(config).config.in_channels == 4
-    assert resolve_config("cifar10-latent-gpu").objective["latent_shape"] == [4, 8, 8]
-    assert resolve_latent(PRESETS["mnist-cpu"]) is PRESETS["mnist-cpu"]  # pixel configs pass through
+    assert config_from_preset("cifar10-latent-gpu").objective["latent_shape"] == [4, 8, 8]
+    assert with_autoencoder_facts(PRESETS["mnist-cpu"]) is PRESETS["mnist-cpu"]  # pixel configs pass through
     wrong = dataclasses.replace(PRESETS["mnist-latent-cpu"], objective={
         **PRESETS["mnist-latent-cpu"].objective, "autoencoder": str(run["ae"])})  # 8x8 autoencoder, MNIST
     with pytest.raises(ValueError, match="reads 1x8x8 images"):
-        resolve_latent(wrong)
+        with_autoencoder_facts(wrong, torch.zeros(4, 1, 28, 28))
     with pytest.raises(ValueError, match="posterior"):
         LatentObjective(autoencoder=str(run["ae"]), posterior="mode")
     with pytest.raises(ValueError, match="inner objective"):

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from minidit.denoisers import Denoiser, mixture_denoiser
+from minidit.denoiser import Denoiser
 from minidit.flow import FlowProcess
 from minidit.likelihood import LikelihoodResult, bits_per_dim, dequantize, ode_log_likelihood
 from minidit.sde import SubVPSDE, VESDE, VPSDE
-from minidit.toy import GaussianMixture
+from minidit.toy import GaussianMixture, mixture_denoiser
 
 
 T_EPS = 1e-5
@@ -34,7 +34,7 @@ def kind_for(process) -> str:
 def test_exact_trace_likelihood_matches_the_density(process, data):
     den = mixture_denoiser(data, process, kind_for(process))
     x = data.sample(200, torch.Generator().manual_seed(0))
-    out = ode_log_likelihood(den, process, x, t_eps=T_EPS, progress=False)
+    out = ode_log_likelihood(den, x, t_eps=T_EPS, progress=False)
     D = x.shape[1]
     assert (out.logp - exact_log_prob(data, process, x)).abs().max() / D < 0.01
     torch.testing.assert_close(out.logp, out.prior_logp + out.delta_logp)
@@ -47,7 +47,7 @@ def test_the_ode_part_is_exact_given_the_true_prior(process):
     # (the diffused Gaussian) the change of variables is exact
     den = mixture_denoiser(GAUSS, process, "eps")
     x = GAUSS.sample(100, torch.Generator().manual_seed(0))
-    out = ode_log_likelihood(den, process, x, rtol=1e-8, atol=1e-8, progress=False)
+    out = ode_log_likelihood(den, x, rtol=1e-8, atol=1e-8, progress=False)
     logp = exact_log_prob(GAUSS, process, out.z, t=1.0) + out.delta_logp
     assert (logp - exact_log_prob(GAUSS, process, x)).abs().max() / 3 < 1e-4
 
@@ -57,7 +57,7 @@ def rotated_gaussian_denoiser(process):
     # which a Rademacher probe does not see exactly
     R, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     base = mixture_denoiser(GAUSS, process, "eps")
-    return Denoiser(lambda x, t: base.fn(x @ R, t) @ R.T, "eps", process), R
+    return Denoiser(lambda x, t: base.network(x @ R, t) @ R.T, "eps", process), R
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
@@ -65,9 +65,9 @@ def test_hutchinson_is_unbiased(probe):
     process = VPSDE()
     den, R = rotated_gaussian_denoiser(process)
     x = GAUSS.sample(400, torch.Generator().manual_seed(1)) @ R.T  # [B, 3] rows x = R z
-    exact = ode_log_likelihood(den, process, x, progress=False).logp
+    exact = ode_log_likelihood(den, x, progress=False).logp
     torch.testing.assert_close(exact, exact_log_prob(GAUSS, process, x @ R), atol=0.03, rtol=0)
-    est = ode_log_likelihood(den, process, x, divergence_method="hutchinson", probe=probe,
+    est = ode_log_likelihood(den, x, divergence_method="hutchinson", probe=probe,
                              generator=torch.Generator().manual_seed(2), progress=False).logp
     diff = est - exact
     se = diff.std().item() / math.sqrt(len(diff))
@@ -79,7 +79,7 @@ def test_fixed_step_heun_likelihood():
     process = VPSDE()
     den = mixture_denoiser(MIX, process, "eps")
     x = MIX.sample(100, torch.Generator().manual_seed(0))
-    out = ode_log_likelihood(den, process, x, method="heun", steps=100, progress=False)
+    out = ode_log_likelihood(den, x, method="heun", steps=100, progress=False)
     assert out.nfe == 200
     assert (out.logp - exact_log_prob(MIX, process, x)).abs().max() / 2 < 0.02
 
@@ -110,4 +110,4 @@ def test_bad_arguments():
                          ({"probe": "sphere"}, "rademacher"), ({"rtol": 0.0}, "rtol"), ({"atol": 2.0}, "atol"),
                          ({"method": "heun", "steps": 0}, "steps"), ({"t_eps": 0.0}, "t_eps")]:
         with pytest.raises(ValueError, match=word):
-            ode_log_likelihood(den, process, x, progress=False, **kwargs)
+            ode_log_likelihood(den, x, progress=False, **kwargs)

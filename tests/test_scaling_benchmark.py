@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from minidit.flops import profile
-from minidit.train import PRESETS, make_model
+from minidit.run.build import make_model
+from minidit.run.config import PRESETS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
 

@@ -1,5 +1,5 @@
-"""Noise schedules: endpoints, monotonicity, the cumulative product, and the agreement of
-the discrete tables with the continuous-time curves they come from."""
+"""Noise schedules: endpoints, monotonicity, the cumulative product, the agreement of the discrete
+tables with the continuous-time curves they come from, and the table's own process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minidit.schedules import SCHEDULES, ContinuousSchedule, DiscreteSchedule, extract, make_schedule
+from minidit.schedules import SCHEDULES, DiscreteSchedule, extract, make_schedule
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -55,7 +55,7 @@ def test_discrete_matches_continuous_exactly_for_closed_form_schedules(name):
     s = make_schedule(name, T)
     t = (torch.arange(T, dtype=torch.float64) + 1) / T
     unclipped = s.betas < 0.999
-    continuous = s.continuous.alpha_bar(t)
+    continuous = SCHEDULES[name]().alpha_bar(t)
     torch.testing.assert_close(s.alpha_bar[unclipped], continuous[unclipped], rtol=1e-9, atol=1e-15)
     assert unclipped[:-1].all()  # only the last step may be clipped
 
@@ -65,7 +65,7 @@ def test_linear_discrete_close_to_vp_sde():
     # at most Σβ²/2 ≈ 0.067 at T = 1000 (plus a rounding of the β-grid at the first steps)
     T = 1000
     s = make_schedule("linear", T)
-    c = s.continuous
+    c = SCHEDULES["linear"]()
     t = (torch.arange(T, dtype=torch.float64) + 1) / T
     assert (s.alpha_bar - c.alpha_bar(t)).abs().max() < 1e-3
     assert (s.log_snr(torch.arange(T)) - c.log_snr(t)).abs().max() < 0.1
@@ -73,7 +73,7 @@ def test_linear_discrete_close_to_vp_sde():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_continuous_view(name):
-    c = ContinuousSchedule(name)
+    c = SCHEDULES[name]()
     t = torch.linspace(0.0, 0.99, 100, dtype=torch.float64)
     torch.testing.assert_close(c.alpha(t) ** 2 + c.sigma(t) ** 2, torch.ones_like(t))
     assert abs(float(c.alpha(0.0)) - 1.0) < 1e-12
@@ -88,22 +88,20 @@ def test_continuous_view(name):
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_index_maps_round_trip(name):
+def test_the_table_is_T_samples_of_its_process(name):
+    # step i of the table is the process at t = (i + 1)/T, and its log-SNR inverts there exactly
     T = 1000
     s = make_schedule(name, T)
-    i = torch.arange(T, dtype=torch.float64)
-    torch.testing.assert_close(s.index_to_log_snr(i), s.log_snr(torch.arange(T)))
-    frac = torch.linspace(0, T - 1, 777, dtype=torch.float64)
-    torch.testing.assert_close(s.log_snr_to_index(s.index_to_log_snr(frac)), frac, rtol=0, atol=1e-8)
-    # index -> t -> index is the identity where the discrete log-SNR lies inside the continuous
-    # range (the linear table ends slightly below λ(1), so its last steps clamp to t = 1)
-    inside = s.index_to_log_snr(frac) > s.continuous.log_snr(1.0)
-    assert inside.float().mean() > 0.99
-    torch.testing.assert_close(s.t_to_index(s.index_to_t(frac[inside])), frac[inside], rtol=0, atol=1e-6)
-    # t_i = (i + 1)/T lands on index i: exactly for the closed-form schedules, within a few
-    # steps for the linear one (its log-SNR differs by up to 0.07, see above)
-    err = (s.t_to_index((i[:-1] + 1) / T) - i[:-1]).abs().max()
-    assert err < (4.0 if name == "linear" else 1e-6)
+    t = s.time(torch.arange(T))
+    torch.testing.assert_close(s.process.alpha(t) ** 2, s.alpha_bar, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.process.log_snr(t), s.log_snr(torch.arange(T)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s.process.t_from_log_snr(s.log_snr(torch.arange(T))), t, rtol=0, atol=1e-12)
+    # between the steps log ᾱ is linear in t, so β(t) is constant on each step: −T log(1 − β_i)
+    mid = t - 0.5 / T
+    torch.testing.assert_close(s.process.beta(mid), -T * torch.log1p(-s.betas))
+    torch.testing.assert_close(s.process.alpha(mid) ** 2, (s.alpha_bar * s.alpha_bar_prev).sqrt())
+    # and the table's time of its first step is where continuous samplers stop by default
+    assert s.process.t_eps == 1 / T and float(s.process.alpha(0.0)) == 1.0
 
 
 def test_extract_broadcasts_in_x_dtype_and_device():
@@ -119,7 +117,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="linear, cosine, sigmoid"):
         make_schedule("quadratic", 10)
     with pytest.raises(ValueError, match="T"):
-        DiscreteSchedule.make("linear", T=0)
+        make_schedule("linear", T=0)
     with pytest.raises(ValueError, match="betas"):
         DiscreteSchedule(torch.tensor([0.1, 1.5]))
     s = make_schedule("linear", 10)
@@ -127,5 +125,6 @@ def test_bad_input():
         s.snr(torch.tensor([10]))
     with pytest.raises(ValueError, match="integer"):
         s.snr(torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="continuous"):
-        DiscreteSchedule(torch.full((10,), 0.1)).t_to_index(0.5)
+    custom = DiscreteSchedule(torch.full((10,), 0.1))  # any betas have a process too
+    torch.testing.assert_close(custom.process.alpha(torch.tensor(0.5, dtype=torch.float64)) ** 2,
+                               torch.tensor(0.9**5, dtype=torch.float64))

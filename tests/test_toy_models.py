@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidit.toy_models import TOY_CONFIGS, ToyDenoiser, sinusoidal_embedding
+from minidit.embeddings import timestep_frequencies
+from minidit.toy_models import TOY_CONFIGS, ToyDenoiser
 
 
 def test_embedding_and_shapes():
-    e = sinusoidal_embedding(torch.tensor([0, 5, 999]), 16)
+    e = timestep_frequencies(torch.tensor([0, 5, 999]), 16)  # the one sinusoidal code, shared with the DiT
     assert e.shape == (3, 16)
     torch.testing.assert_close(e[0], torch.cat([torch.ones(8), torch.zeros(8)]))  # cos 0, sin 0
     torch.testing.assert_close(e[:, :8] ** 2 + e[:, 8:] ** 2, torch.ones(3, 8))

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from _train_worker import DenoiseObjective, NaNAfter, tiny_config
-from minidit.checkpoint import read_checkpoint
 from minidit.plotting import read_log
-from minidit.train import (PRESETS, NonFiniteLossError, TrainConfig, autocast_for, lr_factor,
-                           make_model, make_objective, train)
+from minidit.run.build import make_model, make_objective
+from minidit.run.checkpoint import read_checkpoint
+from minidit.run.config import PRESETS, TrainConfig
+from minidit.run.engine import NonFiniteLossError, autocast_for, lr_factor, train
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 

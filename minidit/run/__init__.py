@@ -1,0 +1,14 @@
+"""The run layer: turning concepts into trained models and samples.
+
+    config      TrainConfig and the named presets (plain data, stored in checkpoints)
+    objectives  the diffusion objectives: their losses and the samplers their network drives
+    latent      latent diffusion and the autoencoder objective
+    checkpoint  the checkpoint file: atomic writes, every random state, exact resume
+    build       model, objective and data from a config; a trained run from its checkpoint
+    engine      the training loop (AdamW, EMA, bf16, DDP)
+    generate    drawing and scoring samples of a trained run
+    outputs     writing sample files safely
+    report      train, then sample and score: the README's main job
+
+It imports the concept modules of `minidit` and nothing of `minidit.cli`.
+"""

@@ -1,0 +1,78 @@
+"""What a config builds: the network, the objective, the training data; and a trained run from its file.
+
+`make_model` sizes the network for the dataset (or, for a latent objective, for the
+autoencoder's latents) and `make_objective` sets the null label of classifier-free guidance
+to the number of classes. `load_checkpoint` rebuilds both from the config a checkpoint
+stores, with its weights, ready to sample (`minidit.run.generate`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from minidit import data
+from minidit.autoencoder import AUTOENCODER_BUILDERS
+from minidit.dit import make_dit
+from minidit.run.checkpoint import CheckpointError, read_checkpoint
+from minidit.run.config import TrainConfig
+from minidit.run.latent import AutoencoderObjective, LatentObjective, latent_input_shape
+from minidit.run.objectives import DIFFUSION_OBJECTIVES, objective_from_config
+from minidit.toy_models import TinyMLP
+
+MODEL_BUILDERS = {"mlp": TinyMLP, **AUTOENCODER_BUILDERS}  # other names go to minidit.dit.make_dit
+OBJECTIVES = {**DIFFUSION_OBJECTIVES, "latent": LatentObjective, "autoencoder": AutoencoderObjective}
+
+
+def make_model(config: TrainConfig) -> nn.Module:
+    """The network of `config`, sized for its dataset (or its latents), with fresh weights."""
+    channels, side, classes = data.dataset_shape(config.dataset)
+    if config.objective.get("kind") == "latent":
+        channels, side, _ = latent_input_shape(config.objective)  # the DiT sees c x h x w latents
+    kwargs = {"in_channels": channels, "input_size": side,
+              "num_classes": classes if config.class_conditional else 0, **config.model_overrides}
+    if config.model in MODEL_BUILDERS:
+        return MODEL_BUILDERS[config.model](**kwargs)
+    return make_dit(config.model, **{"learn_sigma": False, **kwargs})  # minidit's objectives learn no variance
+
+
+def make_objective(config: TrainConfig):
+    """The objective of `config`; its null label defaults to the number of classes."""
+    null_label = data.dataset_shape(config.dataset)[2] if config.class_conditional else None
+    return objective_from_config({"null_label": null_label, **config.objective}, OBJECTIVES)
+
+
+def training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images [N, C, H, W] in [-1, 1] and labels [N] of `config.dataset` (the first
+    `dataset_size` of them); "synthetic" is 512 seeded random 8x8 images, label i % 10."""
+    if config.dataset == "synthetic":
+        n = config.dataset_size or 512
+        images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1234)) * 2 - 1
+        return images, torch.arange(n) % 10
+    images, labels = data.load_dataset(config.dataset, "train", root=config.data_root)
+    return images[: config.dataset_size], labels[: config.dataset_size]
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild a trained run from its checkpoint, for sampling and evaluation.
+
+    Returns:
+        (model, ema_model, objective, config): the live and the EMA network (eval mode, on
+        `device`), the objective and the `TrainConfig` the run was trained with.
+
+    Raises:
+        CheckpointError: the file is unreadable or does not fit its model; for a latent model,
+            its autoencoder checkpoint is missing or not the one it was trained with.
+    """
+    state = read_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    model, ema_model = make_model(config), make_model(config)
+    try:
+        model.load_state_dict(state["model"])
+        ema_model.load_state_dict(state["ema"]["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds: {err}") from err
+    ema_model.requires_grad_(False)
+    return model.to(device).eval(), ema_model.to(device).eval(), make_objective(config), config

@@ -1,0 +1,122 @@
+"""A training run as plain data: `TrainConfig`, stored in every checkpoint, and the named presets.
+
+A config names what to build (model, objective, dataset), how to optimise (batch, learning
+rate and its schedule, clipping, EMA, precision) and how long to run (steps and/or minutes),
+and where to write. `PRESETS` are the recipes the README and the tutorials use; the command
+line changes them with key=value overrides (`minidit.cli`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from minidit import data
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; stored as plain data in every checkpoint.
+
+    `batch_size` is the global batch of one optimiser step (all processes and accumulation
+    micro-steps together). Intervals count optimiser steps; 0 turns sampling or saving off
+    (a last checkpoint and sample grid are still written at the end).
+    """
+
+    model: str = "dit-mnist-cpu"  # a name of minidit.dit.DIT_CONFIGS, or of minidit.run.build.MODEL_BUILDERS
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"depth": 4}
+    objective: dict = field(default_factory=lambda: {"kind": "ddpm"})  # see minidit.run.objectives
+    dataset: str = "mnist"  # a name of minidit.data.DATASETS, or "synthetic" (tests)
+    dataset_size: int | None = None  # use only the first N training examples
+    data_root: str | None = None  # else $MINIDIT_DATA, else the cache folder
+    class_conditional: bool = True
+    hflip: bool = False  # random left-right flips (CIFAR-10)
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    cosine: bool = False  # decay from lr to lr_min over the steps after the warm-up
+    lr_min: float = 0.0
+    grad_clip: float | None = 1.0  # None: no clipping (the norm is still logged)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # d = min(ema_decay, (1 + n) / (10 + n))
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA where supported, else fp32
+    compile: bool = False  # torch.compile the network
+    device: str | None = None  # None: minidit.device.get_device()
+    steps: int = 10_000
+    minutes: float | None = None  # also stop after this much training time (all resumes)
+    log_every: int = 100
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: bool = False  # also keep step_0001000.pt beside latest.pt
+    n_samples: int = 64
+    loss_bins: int = 10  # loss-by-timestep bins over t in [0, 1]
+    seed: int = 0
+    out_dir: str = "runs/minidit"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name, valid in {"dataset": [*data.DATASETS, "synthetic"], "precision": PRECISIONS}.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        for name, low in {"batch_size": 1, "grad_accum": 1, "steps": 1, "n_samples": 1, "loss_bins": 1,
+                          "log_every": 1, "warmup_steps": 0, "sample_every": 0, "checkpoint_every": 0,
+                          "seed": 0}.items():
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip", "minutes", "dataset_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive{'' if name == 'lr' else ' or None'}, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0 <= self.lr_min <= self.lr or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"need 0 <= lr_min <= lr and two betas in [0, 1), got lr_min={self.lr_min}, "
+                             f"lr={self.lr}, betas={self.betas}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-like data (tuples become lists), for checkpoints and config.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are a ValueError."""
+        if unknown := sorted(set(values) - {f.name for f in dataclasses.fields(cls)}):
+            raise ValueError(f"unknown TrainConfig fields {unknown}; see minidit.run.config.TrainConfig")
+        return cls(**{**values, "betas": tuple(values.get("betas", cls.betas))})
+
+
+# Recipes. mnist-cpu: 10 min on a 2-core CPU, rectified flow, small batches, Euler x 10, CFG 1.5.
+_FLOW = {"kind": "flow", "t_sampling": "logit_normal", "sampler": "euler", "sample_steps": 10, "cfg_scale": 1.5}
+_CPU = dict(model="dit-mnist-cpu", dataset="mnist", batch_size=32, lr=2e-3, warmup_steps=100, cosine=True,
+            steps=5000, minutes=10.0, ema_decay=0.998, log_every=50, sample_every=1000, checkpoint_every=500)
+_GPU = dict(batch_size=256, lr=2e-4, warmup_steps=1000, cosine=True, ema_decay=0.9999,
+            sample_every=5000, checkpoint_every=5000)
+# Latent diffusion [LDM]: an autoencoder (labels unused), then a DiT on its latents (patch 1: 49 / 64 tokens)
+_AE = dict(objective={"kind": "autoencoder", "beta": 1e-3}, class_conditional=False, n_samples=16)
+_MNIST_Z = {"kind": "latent", "autoencoder": "runs/mnist-ae-cpu/latest.pt", "autoencoder_preset": "mnist-ae-cpu",
+            "latent_shape": [4, 7, 7], "inner": _FLOW}
+_CIFAR_Z = {"kind": "latent", "autoencoder": "runs/cifar10-ae-gpu/latest.pt", "autoencoder_preset": "cifar10-ae-gpu",
+            "latent_shape": [4, 8, 8], "inner": {**_FLOW, "sample_steps": 50, "cfg_scale": 2.0}}
+PRESETS: dict[str, TrainConfig] = {
+    "mnist-cpu": TrainConfig(objective=_FLOW, **_CPU, out_dir="runs/mnist-cpu"),
+    "mnist-ddpm-cpu": TrainConfig(objective={"kind": "ddpm", "schedule": "cosine", "prediction": "v",
+                                             "sampler": "ddim", "sample_steps": 20, "cfg_scale": 1.5},
+                                  **_CPU, out_dir="runs/mnist-ddpm-cpu"),
+    "mnist-gpu": TrainConfig(model="dit-mnist-gpu", objective=_FLOW, dataset="mnist", steps=30_000, **_GPU,
+                             out_dir="runs/mnist-gpu"),
+    "cifar10-gpu": TrainConfig(model="dit-cifar10-gpu", objective={**_FLOW, "sample_steps": 50, "cfg_scale": 2.0},
+                               dataset="cifar10", hflip=True, steps=100_000, **_GPU, out_dir="runs/cifar10-gpu"),
+    "mnist-ae-cpu": TrainConfig(**_AE, **{**_CPU, "model": "ae-mnist", "steps": 2500, "minutes": 4.0, "lr": 1e-3},
+                                out_dir="runs/mnist-ae-cpu"),
+    "mnist-latent-cpu": TrainConfig(**_CPU, model_overrides={"patch_size": 1}, objective=_MNIST_Z,
+                                    out_dir="runs/mnist-latent-cpu"),
+    "cifar10-ae-gpu": TrainConfig(model="ae-cifar10", **_AE, dataset="cifar10", hflip=True, steps=20_000,
+                                  **{**_GPU, "batch_size": 128}, out_dir="runs/cifar10-ae-gpu"),
+    "cifar10-latent-gpu": TrainConfig(model="dit-cifar10-gpu", model_overrides={"patch_size": 1}, objective=_CIFAR_Z,
+                                      dataset="cifar10", hflip=True, steps=100_000, **_GPU,
+                                      out_dir="runs/cifar10-latent-gpu"),
+}
