@@ -84,6 +84,14 @@ def convert(pred: Tensor, src: str, dst: str, x: Tensor, t: Tensor | float, proc
     return per_sample(process.d_alpha(t), x) * x0() + per_sample(process.d_sigma(t), x) * eps()
 
 
+def _snap(tau):
+    """τ, or the integer within float64 round-off of it (1e-9 relative): DDPM's step t sits at time
+    (t + 1)/T, and T·t − 1 must give the network the integer step back, not t ± 1e-13."""
+    tau = torch.as_tensor(tau)
+    nearest = tau.round()
+    return torch.where((tau - nearest).abs() <= 1e-9 * nearest.abs().clamp_min(1.0), nearest, tau)
+
+
 @dataclass
 class Prediction:
     """One evaluation of a denoiser at (x, t), readable as any kind."""
@@ -161,10 +169,9 @@ class Denoiser:
         This is what training losses regress; t is one time or [B] in the process's time.
         """
         c_in, t = (1.0, t) if self.native is None else self._native_time(t)
-        tau = self.time_scale * t + self.time_shift
+        tau = _snap(self.time_scale * t + self.time_shift)
         if not isinstance(tau, Tensor) or tau.ndim == 0:  # one time for the batch: a fill, no sync
-            # (rounded to 1e-9: float64 round-off would put DDPM's integer steps 1e-13 off)
-            tau = torch.full((x.shape[0],), round(float(tau), 9), dtype=x.dtype, device=x.device)
+            tau = torch.full((x.shape[0],), float(tau), dtype=x.dtype, device=x.device)
         x_in = x if self.native is None else per_sample(c_in, x) * x
         out = self.network(x_in, tau) if y is None else self.network(x_in, tau, y)
         if self.learned_sigma:
