@@ -28,7 +28,10 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     if prefer is None:
         prefer = os.environ.get("MINIDIT_DEVICE") or None
     if prefer is not None:
-        device = torch.device(prefer)
+        try:
+            device = torch.device(prefer)
+        except RuntimeError:
+            raise ValueError(f"unknown device {str(prefer)!r}; valid devices: cpu, cuda, cuda:N, mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(prefer)!r} requested but CUDA is not available here")
         if device.type == "mps" and not _mps_available():

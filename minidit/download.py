@@ -105,6 +105,7 @@ def download_file(filename: str, mirrors: Sequence[str], dest_dir: Path, md5: st
             says where to put the file by hand.
     """
     dest = Path(dest_dir) / filename
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # removed again on failure
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(dest.parent, os.W_OK):
@@ -119,14 +120,15 @@ def download_file(filename: str, mirrors: Sequence[str], dest_dir: Path, md5: st
             _fetch(url, dest, md5, progress, timeout)
             return dest
         except (OSError, http.client.HTTPException, ValueError, _BadDownload) as e:
-            failures.append(f"  {url}: {str(e) or type(e).__name__}")
-    tried = "\n".join(failures) or "  (no mirrors given)"
+            failures.append(f"{url}: {str(e) or type(e).__name__}")
+    for folder in made:  # leave no empty folders behind
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    tried = "; ".join(failures) or "no mirrors given"
     raise DatasetError(
-        f"could not download {filename}; tried:\n{tried}\n"
-        f"Download it by hand (from one of these URLs, on a machine with network access) "
-        f"and place it at {dest}"
-        + (f" (md5 {md5})" if md5 else "")
-        + ", or pass root= / set MINIDIT_DATA to a folder that already holds the data."
+        f"could not download {filename} (tried {tried}); download it by hand on a machine with network "
+        f"access and place it at {dest}" + (f" (md5 {md5})" if md5 else "")
+        + ", or pass root= / set MINIDIT_DATA to a folder that already holds the data"
     )
 
 

@@ -222,6 +222,16 @@ def _real_subset_stats(dataset: str, split: str, n: int, root: str | None, devic
     return feature_stats(images[idx], _shipped_net(dataset, device), progress=False)
 
 
+def reference_stats(dataset: str, n: int, root: str | None = None, device: str | torch.device = "cpu"):
+    """The real images' feature statistics that `evaluate_samples` compares with (n test images, and
+    n train images for the floor), computed once and cached; call it first to fail before sampling
+    when the data is missing."""
+    if dataset not in EVAL_DATASETS:
+        raise ValueError(f"dataset must be one of {EVAL_DATASETS}, got {dataset!r}")
+    root, device = _resolve_root(root), str(torch.device(device))
+    return (_real_subset_stats(dataset, "test", n, root, device), _real_subset_stats(dataset, "train", n, root, device))
+
+
 def evaluate_samples(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -264,11 +274,9 @@ def evaluate_samples(
         )
     if labels is not None:
         labels = _check_labels(labels, images.shape[0])[:n]
-    root, device = _resolve_root(root), str(torch.device(device))
-    net = _shipped_net(dataset, device)
+    net = _shipped_net(dataset, str(torch.device(device)))
     # 1. reference: n test images; floor: n train images against that same reference
-    mu_test, sigma_test = _real_subset_stats(dataset, "test", n, root, device)
-    mu_train, sigma_train = _real_subset_stats(dataset, "train", n, root, device)
+    (mu_test, sigma_test), (mu_train, sigma_train) = reference_stats(dataset, n, root, device)
     # 2. the samples
     mu, sigma = feature_stats(images[:n], net, progress=progress)
     return {

@@ -59,10 +59,10 @@ class SlowObjective:
 
 
 class NaNAfter:
-    """Wraps an objective and returns NaN losses from call number `k` + 1 on."""
+    """Wraps an objective and multiplies its losses by `value` (NaN by default) on calls k + 1 .. until."""
 
-    def __init__(self, inner, k: int):
-        self.inner, self.k, self.calls, self.kind = inner, k, 0, inner.kind
+    def __init__(self, inner, k: int, until: int | None = None, value: float = float("nan")):
+        self.inner, self.k, self.until, self.value, self.calls, self.kind = inner, k, until, value, 0, inner.kind
 
     def config(self) -> dict:
         return self.inner.config()
@@ -70,7 +70,8 @@ class NaNAfter:
     def loss(self, model, x0, y, generator):
         self.calls += 1
         loss, t = self.inner.loss(model, x0, y, generator)
-        return (loss * float("nan") if self.calls > self.k else loss), t
+        bad = self.calls > self.k and (self.until is None or self.calls <= self.until)
+        return (loss * self.value if bad else loss), t
 
     def sample(self, model, shape, y=None, generator=None):
         return self.inner.sample(model, shape, y, generator)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from minidit.data import DATASETS, data_root
+
 
 @pytest.fixture
 def mnist_root() -> Path:
-    """The root holding real MNIST ($MINIDIT_DATA, as CI sets it); skips the test when unset."""
-    root = os.environ.get("MINIDIT_DATA")
-    if not root:
-        pytest.skip("real MNIST needed: set MINIDIT_DATA to the dataset root (CI sets it to shared/data)")
-    return Path(root)
+    """The root holding real MNIST, wherever minidit finds it ($MINIDIT_DATA, else the cache folder);
+    skips the test when neither holds it (CI sets MINIDIT_DATA to shared/data)."""
+    root = data_root()
+    folder = root / DATASETS["mnist"].folder
+    names = [r.filename for split in DATASETS["mnist"].splits.values() for r in split]
+    if not all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in names):
+        pytest.skip(f"real MNIST needed in {root}: set MINIDIT_DATA to a dataset root that holds it "
+                    "(CI sets it to shared/data)")
+    return root
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -131,4 +131,4 @@ def test_restore_checks_world_size(trained):
     out, _ = trained
     state = read_checkpoint(out / "latest.pt")
     with pytest.raises(ValueError, match="written by 1 processes"):
-        ckpt.restore_run(state, state["config"], 0, 2, None, None, None, None, None)
+        ckpt.restore_run(state, state["config"], 0, 2, None, None, None, None)

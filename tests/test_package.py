@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import venv
@@ -43,11 +44,16 @@ def test_wheel_and_sdist_build_and_the_wheel_installs_in_a_fresh_venv(tmp_path):
     assert "minidit/__init__.py" in names
     assert not any(n.startswith("tests/") for n in names), "tests must not ship in the wheel"
 
-    # 2. a fresh venv; it sees the system's torch (a multi-GB download otherwise) but not
-    #    the editable checkout, so `import minidit` must come from the wheel.
+    # 2. a fresh venv; it sees the running interpreter's packages (torch: a multi-GB download
+    #    otherwise), also when that interpreter is itself a venv, but not the editable checkout,
+    #    so `import minidit` must come from the wheel.
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True, system_site_packages=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    env_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() if Path(p, "torch").is_dir()]
+    Path(env_site, "outer_site.pth").write_text("\n".join(ours) + "\n")  # torch & co., never minidit's checkout
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheels[0])],
                    check=True, capture_output=True)
     probe = "import minidit, sys; print(minidit.__version__); print(minidit.__file__)"

@@ -20,7 +20,13 @@ from minidit.plotting import read_log
 from minidit.run.build import make_model, make_objective
 from minidit.run.checkpoint import read_checkpoint
 from minidit.run.config import PRESETS, TrainConfig
-from minidit.run.engine import NonFiniteLossError, autocast_for, lr_factor, train
+from minidit.run.budget import Budget
+from minidit.run.engine import autocast_for, train
+from minidit.run.guard import DivergenceError
+
+
+def lr_factor(step: int, config: TrainConfig, seconds: float = 0.0) -> float:
+    return Budget.of(config).lr_factor(step, seconds)
 
 WORKER = Path(__file__).with_name("_train_worker.py")
 
@@ -72,6 +78,18 @@ def test_lr_schedule_warmup_then_cosine():
         assert lr_factor(k + 1, config) <= lr_factor(k, config)
     flat = dataclasses.replace(config, cosine=False)
     assert lr_factor(50, flat) == 1.0
+    # with a time budget the schedule follows whichever budget is further along
+    timed = dataclasses.replace(config, minutes=1.0)
+    assert lr_factor(10, timed, seconds=30.0) == pytest.approx(lr_factor(55, config))  # half the time
+    assert lr_factor(10, timed, seconds=60.0) == pytest.approx(0.1)  # the time is up: lr_min
+    assert lr_factor(80, timed, seconds=6.0) == pytest.approx(lr_factor(80, config))  # the steps lead
+
+
+def test_ema_horizon_follows_the_budget():
+    budget = Budget(steps=1000, minutes=1.0, ema_decay=0.99)
+    assert budget.ema(500, seconds=1.0) == pytest.approx(0.99)  # on pace for all 1000 steps
+    # half-way through the time after 250 steps: 500 steps in all, so half the horizon, 50 steps
+    assert budget.ema(250, seconds=30.0) == pytest.approx(1 - 1 / 50)
 
 
 def test_logged_lr_follows_the_schedule(tmp_path):
@@ -141,17 +159,38 @@ def test_sampling_does_not_change_training(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(tmp_path, steps=20, log_every=3, checkpoint_every=2)
-    objective = NaNAfter(make_objective(config), k=5)  # steps 1..5 fine, step 6 NaN
-    with pytest.raises(NonFiniteLossError, match="at step 6"):
+    objective = NaNAfter(make_objective(config), k=5)  # steps 1..5 fine, step 6 on NaN
+    with pytest.raises(DivergenceError, match=r"at step 10: the gradient norm was NaN or infinite for 5 steps in a "
+                                              r"row \(from step 6\)"):
         train(config, progress=False, objective=objective)
     state = read_checkpoint(tmp_path / "latest.pt")
-    assert state["step"] == 4  # saved at 2 and 4; step 6 was never saved
+    assert state["step"] == 4  # saved at 2 and 4; steps 6 and later were never saved
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_few_bad_steps_are_skipped_and_training_goes_on(tmp_path):
+    config = tiny_config(tmp_path, steps=12, log_every=4, checkpoint_every=3)
+    objective = NaNAfter(make_objective(config), k=5, until=8)  # steps 6, 7, 8 NaN, then fine again
+    summary = train(config, progress=False, objective=objective)
+    assert summary["step"] == 12 and summary["skipped"] == 3
+    assert all(torch.isfinite(p).all() for p in summary["model"].parameters())  # no NaN update was applied
+    saves = [r["step"] for r in read_log(tmp_path / "log.jsonl", "checkpoint")]
+    assert 6 not in saves and 9 in saves  # no checkpoint during the bad streak
+
+
 def test_huge_learning_rate_is_caught(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="NaN or infinite at step"):
+    with pytest.raises(DivergenceError, match="diverged at step"):
         train(tiny_config(tmp_path, lr=1e30, grad_clip=None, warmup_steps=0, steps=30), progress=False)
+    assert not tmp_path.exists() or not (tmp_path / "latest.pt").exists()
+
+
+def test_exploding_loss_stops_the_run(tmp_path):
+    # a finite but growing loss: 10x its running mean for max_bad_steps steps in a row
+    config = tiny_config(tmp_path, steps=60, log_every=5, checkpoint_every=5)
+    objective = NaNAfter(make_objective(config), k=30, value=1e6)
+    with pytest.raises(DivergenceError, match=r"above 10 x its running mean .* \(from step 31\)"):
+        train(config, progress=False, objective=objective)
+    assert read_checkpoint(tmp_path / "latest.pt")["step"] == 30
 
 
 def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path):

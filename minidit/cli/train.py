@@ -11,6 +11,8 @@ import torch
 
 from minidit.dit import DIT_CONFIGS
 from minidit.run.build import MODEL_BUILDERS, make_model, make_objective
+from minidit.device import get_device
+from minidit.run.budget import Budget
 from minidit.run.config import PRESETS, TrainConfig
 from minidit.run.generate import format_eval
 from minidit.run.report import train_and_report
@@ -28,17 +30,20 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         epilog=f"presets: {', '.join(PRESETS)}\n\nconfig keys: {keys}\n\n"
         "values are converted to the key's type (none/null for optional ones); dict keys take\n"
         "dotted paths, e.g. objective.kind=flow objective.cfg_scale=2 model_overrides.depth=4\n\n"
+        "--steps N alone trains N steps with no time limit; --minutes M alone keeps the preset's steps\n"
+        "as a cap; both: whichever comes first. The learning rate and the EMA follow the budget.\n\n"
         "example: minidit train --preset mnist-cpu --out runs/first batch_size=64")
     parser.add_argument("--preset", default="mnist-cpu", help="the starting recipe (default mnist-cpu)")
     parser.add_argument("--out", help="output folder (default: the preset's out_dir)")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
-    length.add_argument("--minutes", type=float, help="also stop after this much training time")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: the preset's, with its time limit)")
+    parser.add_argument("--minutes", type=float, help="minutes of training (default: the preset's)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/latest.pt")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over where OUT holds a run, keeping the old one as OUT.<date-time>")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the fastest available)")
     parser.add_argument("--eval-n", type=int, default=500, help="samples scored at the end (0: skip)")
     parser.add_argument("--grid-n", type=int, default=100, help="samples in OUT/samples.png")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and when it stops, and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig fields to change")
     parser.set_defaults(func=run_train)
@@ -135,15 +140,24 @@ def _check_buildable(config: TrainConfig) -> None:
 
 def run_train(args) -> int:
     config = config_from_preset(args.preset, args.overrides)
-    changes = {"out_dir": args.out, "steps": args.steps, "minutes": args.minutes, "device": args.device}
-    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    flags = {"out_dir": args.out, "steps": args.steps, "minutes": args.minutes, "device": args.device}
+    given = {item.partition("=")[0] for item in args.overrides}
+    twice = sorted(k for k, v in flags.items() if v is not None and k in given)
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given both as a flag and as key=value; give each once")
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if args.steps is not None and args.minutes is None and "minutes" not in given:
+        changes["minutes"] = None  # --steps alone: exactly that many steps, no time limit
+    config = dataclasses.replace(config, **changes)
+    get_device(config.device)  # an unknown or missing device is refused before any work
     config.validate()
     if args.eval_n < 0 or args.eval_n == 1 or args.grid_n < 1:
         raise ValueError(f"--eval-n must be 0 or >= 2 and --grid-n >= 1, got {args.eval_n}, {args.grid_n}")
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
+        print(f"# the run {Budget.of(config).describe()}")
         return 0
-    report = train_and_report(config, args.resume, eval_n=args.eval_n, grid_n=args.grid_n,
+    report = train_and_report(config, args.resume, restart=args.restart, eval_n=args.eval_n, grid_n=args.grid_n,
                               progress=not args.no_progress)
     run = report["train"]
     loss = "n/a" if run["loss"] is None else f"{run['loss']:.4f}"

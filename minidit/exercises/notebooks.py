@@ -97,6 +97,20 @@ def _sync(path: Path, text: str, check: bool) -> bool:
     return True
 
 
+def read_notebook(path: Path) -> dict:
+    """A notebook's JSON, or a ValueError that names the file and what is wrong with it."""
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a notebook: {err}") from None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and "cell_type" in c and "source" in c
+                                              for c in cells):
+        raise ValueError(f"{path} is not an nbformat-4 notebook: it needs a list of cells with a cell_type and "
+                         "a source")
+    return nb
+
+
 def generate(src: str | Path, out: str | Path, check: bool = False) -> list[Path]:
     """Write (or, with check, only compare) the student notebooks; returns the stale paths."""
     src, out = Path(src), Path(out)
@@ -107,7 +121,7 @@ def generate(src: str | Path, out: str | Path, check: bool = False) -> list[Path
     texts = {}
     for path in sorted(src.glob("*.ipynb")):
         try:
-            texts[out / path.name] = dumps(student_notebook(json.loads(path.read_text(encoding="utf-8")), subdir))
+            texts[out / path.name] = dumps(student_notebook(read_notebook(path), subdir))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     stale = [target for target, text in texts.items() if _sync(target, text, check)]
@@ -117,4 +131,4 @@ def generate(src: str | Path, out: str | Path, check: bool = False) -> list[Path
 def clean(paths: list[str | Path], check: bool = False) -> list[Path]:
     """Clean notebooks in place (or only compare); folders mean their *.ipynb. Returns the unclean ones."""
     files = [f for p in map(Path, paths) for f in (sorted(p.glob("*.ipynb")) if p.is_dir() else [p])]
-    return [f for f in files if _sync(f, dumps(clean_notebook(json.loads(f.read_text(encoding="utf-8")))), check)]
+    return [f for f in files if _sync(f, dumps(clean_notebook(read_notebook(f))), check)]

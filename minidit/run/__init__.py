@@ -5,6 +5,9 @@
     latent      latent diffusion and the autoencoder objective
     checkpoint  the checkpoint file: atomic writes, every random state, exact resume
     build       model, objective and data from a config; a trained run from its checkpoint
+    runfolder   a run folder belongs to one run: refuse, resume or restart; an OS lock
+    budget      steps and/or minutes, and the learning rate and EMA that follow the budget
+    guard       divergence (skip non-finite updates, stop a diverged run) and SIGINT/SIGTERM
     engine      the training loop (AdamW, EMA, bf16, DDP)
     generate    drawing and scoring samples of a trained run
     outputs     writing sample files safely

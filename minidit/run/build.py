@@ -16,7 +16,7 @@ from torch import nn
 from minidit import data
 from minidit.autoencoder import AUTOENCODER_BUILDERS
 from minidit.dit import make_dit
-from minidit.run.checkpoint import CheckpointError, read_checkpoint
+from minidit.run.checkpoint import load_weights, read_checkpoint
 from minidit.run.config import TrainConfig
 from minidit.run.latent import AutoencoderObjective, LatentObjective, latent_input_shape
 from minidit.run.objectives import DIFFUSION_OBJECTIVES, objective_from_config
@@ -69,10 +69,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     state = read_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
     model, ema_model = make_model(config), make_model(config)
-    try:
-        model.load_state_dict(state["model"])
-        ema_model.load_state_dict(state["ema"]["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds: {err}") from err
+    load_weights(model, state["model"], path)
+    load_weights(ema_model, state["ema"]["model"], path)
     ema_model.requires_grad_(False)
     return model.to(device).eval(), ema_model.to(device).eval(), make_objective(config), config

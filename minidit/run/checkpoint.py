@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -34,7 +36,8 @@ VERSION = 1
 REQUIRED_KEYS = ("step", "config", "model", "ema", "optimizer", "scheduler", "rng", "data")
 # TrainConfig fields that may change when a run resumes: how long it runs, what it writes, where
 RESUMABLE_CHANGES = ("steps", "minutes", "log_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints", "n_samples", "device", "compile", "out_dir", "data_root")
+                     "keep_checkpoints", "n_samples", "device", "compile", "out_dir", "data_root",
+                     "max_bad_steps", "divergence_factor")
 
 
 class CheckpointError(RuntimeError):
@@ -153,10 +156,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip, unpickling and EOF errors all mean the same to the user
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be read "
-            f"({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch refused a global: the file would run code
+        if found:
+            raise CheckpointError(f"refused {path}: the file holds code (GLOBAL {found.group(1)}); minidit "
+                                  "loads weights only, so it never runs code from a checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read") from err
+    except Exception as err:  # zip and EOF errors all mean the same to the user
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
+                              f"({type(err).__name__})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a minidit checkpoint (no format tag {FORMAT!r})")
     if state.get("version") != VERSION:
@@ -166,6 +174,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {missing}")
     return state
+
+
+def load_weights(module: torch.nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """`module.load_state_dict(state)`, or a CheckpointError that names the first few weights that
+    differ (missing, unexpected, or of another shape) and how many there are."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the model" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for what, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped))
+             if names]
+    if parts:
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds: weights "
+                              + "; ".join(parts))
+    module.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- export
@@ -194,7 +219,7 @@ def export_ema(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) 
 # ----------------------------------------------------------------------------- whole runs
 
 
-def run_state(step: int, config: dict, model, ema, optimizer, scheduler, generator: torch.Generator,
+def run_state(step: int, config: dict, model, ema, optimizer, generator: torch.Generator,
               micro_step: int, elapsed_s: float, world: int) -> dict:
     """Everything `save_checkpoint` needs from a training run.
 
@@ -208,7 +233,8 @@ def run_state(step: int, config: dict, model, ema, optimizer, scheduler, generat
         ranks = [None] * world
         torch.distributed.all_gather_object(ranks, mine)
     return {"step": step, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"schedule": "budget"},  # the learning rate follows the step and the time (minidit.run.budget)
             "rng": [r["rng"] for r in ranks], "data": [r["data"] for r in ranks], "elapsed_s": elapsed_s}
 
 
@@ -225,7 +251,7 @@ def save_run(state: dict, path: str | os.PathLike, rank: int, world: int, keep_c
     return path
 
 
-def restore_run(state: dict, config: dict, rank: int, world: int, model, ema, optimizer, scheduler,
+def restore_run(state: dict, config: dict, rank: int, world: int, model, ema, optimizer,
                 generator: torch.Generator, may_change: tuple[str, ...] = RESUMABLE_CHANGES
                 ) -> tuple[int, int, float]:
     """Load a checkpoint of `minidit.train` into a freshly built run, for this rank.
@@ -235,7 +261,8 @@ def restore_run(state: dict, config: dict, rank: int, world: int, model, ema, op
         config: the new run's config as plain data; it must equal the checkpoint's except
             for the fields in `may_change` (run length, intervals, device, ...).
         rank, world: this process and the number of processes (as many as wrote `state`).
-        model, ema, optimizer, scheduler, generator: fresh objects, updated in place.
+        model, ema, optimizer, generator: fresh objects, updated in place (the learning rate
+            needs no state: it follows the step and the elapsed time).
 
     Returns:
         (optimiser step, data micro-step, training seconds so far) at the checkpoint.
@@ -251,7 +278,6 @@ def restore_run(state: dict, config: dict, rank: int, world: int, model, ema, op
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     restore_rng_state(state["rng"][rank])
     generator.set_state(state["rng"][rank]["generator"])
     return state["step"], state["data"][rank]["micro_step"], float(state.get("elapsed_s", 0.0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from minidit import data
@@ -43,6 +44,8 @@ class TrainConfig:
     cosine: bool = False  # decay from lr to lr_min over the steps after the warm-up
     lr_min: float = 0.0
     grad_clip: float | None = 1.0  # None: no clipping (the norm is still logged)
+    max_bad_steps: int = 5  # stop after this many bad steps in a row (minidit.run.guard)
+    divergence_factor: float | None = 10.0  # a loss above this times its running mean is a bad step
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # d = min(ema_decay, (1 + n) / (10 + n))
     precision: str = "auto"  # "auto": bf16 autocast on CUDA where supported, else fp32
@@ -66,13 +69,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
         for name, low in {"batch_size": 1, "grad_accum": 1, "steps": 1, "n_samples": 1, "loss_bins": 1,
                           "log_every": 1, "warmup_steps": 0, "sample_every": 0, "checkpoint_every": 0,
-                          "seed": 0}.items():
+                          "seed": 0, "max_bad_steps": 1}.items():
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
         for name in ("lr", "grad_clip", "minutes", "dataset_size"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive{'' if name == 'lr' else ' or None'}, "
-                                 f"got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number{'' if name == 'lr' else ' or None'}, "
+                                 f"got {value!r}")
+        if self.divergence_factor is not None and not (1 < self.divergence_factor < math.inf):
+            raise ValueError(f"divergence_factor must be a number > 1 or None, got {self.divergence_factor!r}")
         if not 0 <= self.lr_min <= self.lr or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"need 0 <= lr_min <= lr and two betas in [0, 1), got lr_min={self.lr_min}, "
                              f"lr={self.lr}, betas={self.betas}")

@@ -37,24 +37,12 @@ from minidit import data, plotting
 from minidit.device import get_device, seed_everything
 from minidit.ema import EMA
 from minidit.run import checkpoint as ckpt
+from minidit.run.budget import Budget
 from minidit.run.build import make_model, make_objective, training_data
 from minidit.run.config import TrainConfig
+from minidit.run.guard import Guard
 from minidit.run.latent import with_autoencoder_facts
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """lr_k / lr at 0-based step k: linear warm-up, then constant or cosine down to lr_min."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if not config.cosine:
-        return 1.0
-    p = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    floor = config.lr_min / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+from minidit.run.runfolder import RunFolder
 
 
 def autocast_for(config: TrainConfig, device: torch.device):
@@ -73,19 +61,20 @@ class Run:
     net: nn.Module  # the model as the step calls it: under DDP and/or torch.compile
     ema: EMA
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    budget: Budget
     objective: object
     batches: object  # iterator of (x0 [b, C, H, W], y [b]) micro-batches
     generator: torch.Generator  # t, noise and label dropout of the objective
     rank: int
     world: int
     step: int = 0
-    elapsed: float = 0.0  # training seconds of earlier runs (resumes)
+    elapsed: float = 0.0  # training seconds so far (earlier runs included)
     lr: float = 0.0  # the learning rate of the last step
 
 
-def train_step(run: Run, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step: A micro-batches, gradients all-reduced on the last one only.
+def train_step(run: Run, autocast, guard: Guard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step: A micro-batches, gradients all-reduced on the last one only, the
+    update applied unless the guard finds it non-finite.
 
     Returns:
         Every micro-batch's per-example loss [A·b] and time [A·b] (detached), and ‖g‖ before clipping.
@@ -102,17 +91,20 @@ def train_step(run: Run, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             (loss_b.float().mean() / A).backward()
         losses.append(loss_b.detach().float())
         times.append(t.detach().float())
-    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf)
-    run.lr = run.opt.param_groups[0]["lr"]
-    run.opt.step()
-    run.sched.step()
-    run.ema.update(run.model)
+    loss_b, grad_norm = torch.cat(losses), nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf)
+    run.lr = config.lr * run.budget.lr_factor(run.step, run.elapsed)
+    if guard.keep(run, grad_norm, loss_b.mean()):  # the one read of the device per step
+        for group in run.opt.param_groups:
+            group["lr"] = run.lr
+        run.opt.step()
+        run.ema.decay = run.budget.ema(run.step, run.elapsed)
+        run.ema.update(run.model)
     run.step += 1
-    return torch.cat(losses), torch.cat(times), grad_norm
+    return loss_b, torch.cat(times), grad_norm
 
 
-def train(config: TrainConfig, resume: bool = False, *, progress: bool = True, objective=None,
-          sample_fn=None) -> dict:
+def train(config: TrainConfig, resume: bool = False, *, restart: bool = False, progress: bool = True,
+          objective=None, sample_fn=None) -> dict:
     """Train `config.model` on `config.dataset`; rank 0 writes into `config.out_dir`:
     `config.json`, `log.jsonl`, `latest.pt`, `samples/step_*.png`, `loss.png`, `loss_by_t.png`.
 
@@ -120,42 +112,46 @@ def train(config: TrainConfig, resume: bool = False, *, progress: bool = True, o
         config: the run (validated first).
         resume: continue from `out_dir/latest.pt` exactly where it stopped (the config may
             differ only in `checkpoint.RESUMABLE_CHANGES`); with no checkpoint there, start afresh.
-        progress: show a tqdm bar with the loss and images/s (rank 0).
+        restart: start over where a run exists, keeping the old one under a dated name
+            (`minidit.run.runfolder`); without resume or restart such a folder is refused.
+        progress: show a progress bar over the budget, with the loss and images/s (rank 0).
         objective: use this objective instead of `make_objective(config)`.
         sample_fn: ``f(model, shape, y, generator) -> images [B, C, H, W]`` for the sample
             grids; default the objective's `sample`.
 
     Returns:
         A summary: the final "step", the last logged "loss" and "images_per_s", "elapsed_s",
-        the "checkpoint" path, and the trained "model" and "ema_model" (nn.Modules).
+        the "checkpoint" path, the "skipped" updates, and the "model" and "ema_model".
 
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint stays.
+        RunFolderError: the folder holds another run, or another process writes it.
+        DivergenceError: the run diverged; the last good checkpoint stays.
+        Interrupted: SIGINT or SIGTERM arrived; a checkpoint of the last good step was saved.
     """
     config.validate()
     rank, world, device, owns_group = _init_distributed(config)
     try:
-        run = _start(config, resume, objective, rank, world, device)
-        return _loop(run, device, sample_fn or run.objective.sample, progress)
+        with RunFolder(config.out_dir, resume, restart, lock=rank == 0), Guard(config) as guard:
+            run = _start(config, resume, objective, rank, world, device)
+            return _loop(run, device, sample_fn or run.objective.sample, progress, guard)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
 def _start(config: TrainConfig, resume: bool, objective, rank: int, world: int, device: torch.device) -> Run:
-    """Data, model, EMA, optimiser and schedule (the same on every rank), restored when resuming."""
+    """Data, model, EMA and optimiser (the same on every rank), restored when resuming."""
     micro, rest = divmod(config.batch_size, world * config.grad_accum)
     if rest:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum "
                          f"= {world} x {config.grad_accum}")
     images, labels = training_data(config)
     config = with_autoencoder_facts(config, images, resume)  # latent runs: fingerprint, shape, scale
-    # 1. model, EMA, optimiser, schedule: the same initialisation on every rank
+    # 1. model, EMA, optimiser: the same initialisation on every rank
     seed_everything(config.seed)
     model = make_model(config).to(device)
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, config))
     objective = objective if objective is not None else make_objective(config)
     # 2. data: rank r reads every W-th example of each epoch's permutation
     if device.type != "cpu":
@@ -169,114 +165,109 @@ def _start(config: TrainConfig, resume: bool, objective, rank: int, world: int, 
     latest = Path(config.out_dir) / "latest.pt"
     if resume and latest.is_file():
         step, micro_step, elapsed = ckpt.restore_run(ckpt.read_checkpoint(latest), config.to_dict(),
-                                                     rank, world, model, ema, opt, sched, generator)
+                                                     rank, world, model, ema, opt, generator)
     elif resume and rank == 0:
         print(f"minidit.train: no checkpoint at {latest}; starting a new run")
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(config, model, torch.compile(net) if config.compile else net, ema, opt, sched, objective,
+    return Run(config, model, torch.compile(net) if config.compile else net, ema, opt, Budget.of(config), objective,
                loader.stream(micro_step), generator, rank, world, step, elapsed)
 
 
-def _loop(run: Run, device: torch.device, sample_fn, progress: bool) -> dict:
-    """Steps until the step or time budget ends; logs, sample grids and checkpoints on their intervals."""
+def _loop(run: Run, device: torch.device, sample_fn, progress: bool, guard: Guard) -> dict:
+    """Steps until the budget ends; logs, sample grids and checkpoints on their intervals."""
     config, out = run.config, Path(run.config.out_dir)
     log_path, latest = out / "log.jsonl", out / "latest.pt"
     if run.rank == 0:
         _prepare_folder(out, config, log_path, run.step)
     autocast = autocast_for(config, device)
     meter = _Meter(config.loss_bins, device, run.step)
-    bar = tqdm(total=config.steps, initial=run.step, disable=not progress or run.rank != 0, desc="train")
+    bar = _Bar(run, progress)
     summary = {"step": run.step, "loss": None, "images_per_s": None, "checkpoint": None}
-    run_start = time.perf_counter()
-    while run.step < config.steps:
-        loss_b, t, grad_norm = train_step(run, autocast)
-        meter.add(loss_b, t, run.step)
-        bar.update(1)
-        # log, sample, save; the loss is checked first, so a bad state is never saved
-        final = run.step == config.steps
+    clock, before = time.perf_counter(), run.elapsed
+    while not run.budget.done(run.step, run.elapsed):
+        loss_b, t, grad_norm = train_step(run, autocast, guard)
+        run.elapsed = before + time.perf_counter() - clock - meter.paused_total
+        meter.add(loss_b, t)
+        final = run.budget.done(run.step, run.elapsed) or guard.interrupted
         due = {k: every > 0 and run.step % every == 0 for k, every in
                (("log", config.log_every), ("sample", config.sample_every), ("save", config.checkpoint_every))}
-        if final or any(due.values()):
-            meter.check_finite(run.world, latest)
         if final or due["log"]:
-            out_of_time = config.minutes is not None and run.elapsed + time.perf_counter() - run_start > 60 * config.minutes
-            record, stop = meter.read(run, grad_norm, out_of_time, run_start)
-            final = final or stop
+            record = meter.read(run, grad_norm, guard)
             summary.update(step=run.step, loss=record["loss"], images_per_s=record["images_per_s"])
             if run.rank == 0:
                 plotting.append_log(log_path, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-        if run.rank == 0 and config.sample_every and (final or due["sample"]):
+        bar.show(run, summary["loss"])
+        if run.rank == 0 and config.sample_every and (final or due["sample"]) and not guard.interrupted:
             with meter.paused():
                 _sample_grid(run, sample_fn, device, out, log_path)
-        if final or due["save"]:
+        if (final or due["save"]) and guard.healthy:  # never a checkpoint of a step the guard doubts
             with meter.paused():
-                summary["checkpoint"] = _save(run, latest, log_path, run.elapsed + time.perf_counter() - run_start)
+                summary["checkpoint"] = _save(run, latest, log_path)
         if final:
             break
     bar.close()
-    run.elapsed += time.perf_counter() - run_start
     if run.rank == 0:
         plotting.plot_run(out)
-    return {**summary, "elapsed_s": run.elapsed, "model": run.model, "ema_model": run.ema.model}
+    guard.raise_if_interrupted(run, latest)
+    return {**summary, "elapsed_s": run.elapsed, "skipped": guard.skipped, "model": run.model, "ema_model": run.ema.model}
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 class _Meter:
-    """Running sums on the device, read at log time: loss per t bin and count per t bin, the
-    stop vote, the first step with a NaN or infinite loss, and the images/s clock."""
+    """Loss per t bin and count per t bin, summed on the device and read at log time, and the
+    images/s clock (time spent sampling and saving does not count)."""
 
     def __init__(self, bins: int, device: torch.device, step: int):
         self.bins = bins
-        self.stats = torch.zeros(1 + 2 * bins, device=device)  # [stop vote, sums, counts]; float32: MPS
-        self.first_bad = torch.tensor(-1, device=device)
-        self.tick, self.tick_step, self.pause = time.perf_counter(), step, 0.0
+        self.stats = torch.zeros(2 * bins, device=device)  # [sums, counts]; float32: MPS has no float64
+        self.tick, self.tick_step, self.pause, self.paused_total = time.perf_counter(), step, 0.0, 0.0
 
-    def add(self, loss_b: torch.Tensor, t: torch.Tensor, step: int) -> None:
+    def add(self, loss_b: torch.Tensor, t: torch.Tensor) -> None:
         bin_of_t = (t.clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)  # [b]
-        self.stats[1:].index_add_(0, torch.cat([bin_of_t, bin_of_t + self.bins]),  # loss sums, then counts
-                                  torch.cat([loss_b, torch.ones_like(loss_b)]))
-        bad = ~torch.isfinite(loss_b).all()
-        self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        self.stats.index_add_(0, torch.cat([bin_of_t, bin_of_t + self.bins]),  # loss sums, then counts
+                              torch.cat([loss_b, torch.ones_like(loss_b)]))
 
-    def check_finite(self, world: int, latest: Path) -> None:
-        """Raise NonFiniteLossError if any rank saw a NaN or infinite loss (all ranks agree)."""
-        never = torch.iinfo(torch.int64).max
-        step = torch.where(self.first_bad < 0, never, self.first_bad)
-        if world > 1:
-            dist.all_reduce(step, op=dist.ReduceOp.MIN)
-        if step.item() != never:
-            kept = f"the last good checkpoint is {latest}" if latest.is_file() else "no checkpoint was written"
-            raise NonFiniteLossError(f"the training loss became NaN or infinite at step {step.item()}; "
-                                     f"stopped ({kept}). Lower the learning rate or clip the gradients.")
-
-    def read(self, run: Run, grad_norm: torch.Tensor, out_of_time: bool, run_start: float) -> tuple[dict, bool]:
-        """The log record since the last read, and whether any rank voted to stop (time is up)."""
-        if out_of_time:
-            self.stats[0] = 1.0  # this rank votes to stop; one vote stops every rank
+    def read(self, run: Run, grad_norm: torch.Tensor, guard: Guard) -> dict:
+        """The log record since the last read (all ranks' losses)."""
         if run.world > 1:
             dist.all_reduce(self.stats)
-        sums, counts = self.stats[1:1 + self.bins].tolist(), self.stats[1 + self.bins:].tolist()
+        sums, counts = self.stats[:self.bins].tolist(), self.stats[self.bins:].tolist()
         now = time.perf_counter()
         seconds = max(now - self.tick - self.pause, 1e-9)
-        record = {"event": "train", "step": run.step, "loss": sum(sums) / sum(counts), "lr": run.lr,
-                  "grad_norm": grad_norm.item(), "elapsed_s": round(run.elapsed + now - run_start, 3),
+        record = {"event": "train", "step": run.step, "loss": sum(sums) / max(sum(counts), 1), "lr": run.lr,
+                  "grad_norm": grad_norm.item(), "skipped": guard.skipped, "elapsed_s": round(run.elapsed, 3),
                   "images_per_s": (run.step - self.tick_step) * run.config.batch_size / seconds,
                   "loss_by_t": [s / c if c else None for s, c in zip(sums, counts)]}
-        stop = self.stats[0].item() > 0
         self.stats.zero_()
         self.tick, self.tick_step, self.pause = now, run.step, 0.0
-        return record, stop
+        return record
 
     @contextmanager
     def paused(self):
-        """Time spent inside does not count towards images/s (sampling, saving)."""
+        """Time spent inside counts neither towards images/s nor towards the time budget."""
         begin = time.perf_counter()
         yield
         self.pause += time.perf_counter() - begin
+        self.paused_total += time.perf_counter() - begin
+
+
+class _Bar:
+    """A progress bar over the budget (steps, or minutes when time will end the run first)."""
+
+    def __init__(self, run: Run, progress: bool):
+        self.bar = tqdm(total=1000, disable=not progress or run.rank != 0, desc="train",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def show(self, run: Run, loss: float | None) -> None:
+        self.bar.n = int(1000 * run.budget.fraction(run.step, run.elapsed))
+        self.bar.set_postfix_str(f"step {run.step}" + ("" if loss is None else f", loss {loss:.4f}"), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _prepare_folder(out: Path, config: TrainConfig, log_path: Path, step: int) -> None:
@@ -298,9 +289,9 @@ def _sample_grid(run: Run, sample_fn, device: torch.device, out: Path, log_path:
     plotting.plot_run(out)  # loss.png and loss_by_t.png, so far
 
 
-def _save(run: Run, latest: Path, log_path: Path, elapsed: float) -> str:
-    state = ckpt.run_state(run.step, run.config.to_dict(), run.model, run.ema, run.opt, run.sched, run.generator,
-                           run.step * run.config.grad_accum, elapsed, run.world)
+def _save(run: Run, latest: Path, log_path: Path) -> str:
+    state = ckpt.run_state(run.step, run.config.to_dict(), run.model, run.ema, run.opt, run.generator,
+                           run.step * run.config.grad_accum, run.elapsed, run.world)
     path = str(ckpt.save_run(state, latest, run.rank, run.world, run.config.keep_checkpoints))
     if run.rank == 0:
         plotting.append_log(log_path, {"event": "checkpoint", "step": run.step, "path": str(latest)})

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from minidit import data
 from minidit.autoencoder import evaluate_reconstructions
-from minidit.metrics import EVAL_DATASETS, evaluate_samples
+from minidit.metrics import EVAL_DATASETS, evaluate_samples, reference_stats
 from minidit.run.objectives import Sampler
 
 
@@ -123,9 +123,10 @@ def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progre
                          f"(the datasets with a feature network), not {config.dataset!r}")
     if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 10_000:
         raise ValueError(f"n must be an int in [2, 10000], got {n!r}")
+    device = next(model.parameters()).device
+    reference_stats(config.dataset, n, config.data_root, device)  # the real data first: fail before sampling
     drawn = sample_model(model, objective, config, n, progress=progress, **sampling)
     labels = drawn["labels"] if config.class_conditional else None
-    device = next(model.parameters()).device
     scores = evaluate_samples(drawn["images"], labels, dataset=config.dataset, n=n, root=config.data_root,
                               device=device, progress=progress)
     return {**scores, **{k: drawn[k] for k in ("sampler", "steps", "grid", "cfg_scale", "nfe", "seconds")}}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from minidit.autoencoder import AUTOENCODER_BUILDERS, Autoencoder, latent_scaling_factor, vae_loss
 from minidit.data import dataset_shape
-from minidit.run.checkpoint import CheckpointError, read_checkpoint
+from minidit.run.checkpoint import CheckpointError, load_weights, read_checkpoint
 from minidit.run.objectives import Drawn, Sampler, objective_from_config
 
 POSTERIORS = ("sample", "mean")
@@ -114,7 +114,7 @@ def load_autoencoder(path: str, expected: str | None = None, preset: str | None 
             fingerprint is not `expected`; the message says how to get the right one.
     """
     model, state = _autoencoder_of(path, preset)
-    model.load_state_dict(state["ema"]["model"])
+    load_weights(model, state["ema"]["model"], path)
     found = fingerprint(model.state_dict())
     if expected is not None and found != expected:
         raise CheckpointError(f"the autoencoder at {path} is not the one this latent model was trained with "

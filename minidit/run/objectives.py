@@ -21,6 +21,7 @@ stochastic ones are left out for the flow, whose SDE is singular at t = 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
 
@@ -144,6 +145,9 @@ class DiffusionObjective:
         if cfg_scale is None:  # the objective's default; an unconditional model has nothing to guide
             cfg_scale = self.cfg_scale if self.null_label is not None else 1.0
         cfg_scale = float(cfg_scale)
+        if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+            raise ValueError(f"the guidance scale must be a finite number >= 0 (0: unconditional, 1: conditional), "
+                             f"got {cfg_scale}")
         if cfg_scale != 1.0 and self.null_label is None:
             raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional checkpoint; use cfg_scale=1")
         den = self.denoiser(model, clip_x0=self.kind == "ddpm" and name in ("ddpm", "ddim"))

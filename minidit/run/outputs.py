@@ -41,14 +41,14 @@ def check_output(path: str | os.PathLike, suffixes: Sequence[str] | None = None)
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
-    """Make `folder` if needed and prove it writable by writing (and removing) a probe file."""
+    """Check that `folder` can be written, making nothing: it, or the nearest folder above it that
+    exists (where it would be made), must be a writable folder."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write to the output folder {folder}: {err.strerror or err}") from err
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot write to the output folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to the output folder {folder}: {existing} is not writable")
     return folder
 
 
@@ -60,6 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """
     path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
     except OSError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 from minidit.device import get_device
 from minidit.metrics import EVAL_DATASETS
@@ -12,17 +13,17 @@ from minidit.run.build import load_checkpoint
 from minidit.run.config import TrainConfig
 from minidit.run.engine import train
 from minidit.run.generate import evaluate_model, sample_model
-from minidit.run.outputs import atomic_write, check_folder, write_samples
+from minidit.run.outputs import atomic_write, write_samples
 
 
-def train_and_report(config: TrainConfig, resume: bool = False, *, eval_n: int = 500, grid_n: int = 100,
-                     progress: bool = True) -> dict:
+def train_and_report(config: TrainConfig, resume: bool = False, *, restart: bool = False, eval_n: int = 500,
+                     grid_n: int = 100, progress: bool = True) -> dict:
     """Train (`minidit.run.engine.train`), then, from the saved checkpoint's EMA weights, write a
     sample grid `out_dir/samples.png` and score `eval_n` samples into `out_dir/eval.json`.
 
     Args:
-        config: a TrainConfig; its out_dir is checked writable before training starts.
-        resume: continue from out_dir/latest.pt.
+        config: a TrainConfig (its out_dir is claimed for the run by `minidit.run.runfolder`).
+        resume: continue from out_dir/latest.pt; restart: start over, keeping an old run there.
         eval_n: samples to score (0: skip; skipped too for datasets without a feature network).
         grid_n: samples in the grid (class i % K in column i % K).
 
@@ -30,8 +31,8 @@ def train_and_report(config: TrainConfig, resume: bool = False, *, eval_n: int =
         {"train": train's summary without the networks, "grid": path, "eval": scores or None}.
     """
     config.validate()
-    out = check_folder(config.out_dir)
-    summary = train(config, resume=resume, progress=progress)
+    out = Path(config.out_dir)
+    summary = train(config, resume=resume, restart=restart, progress=progress)
     report = {"train": {k: v for k, v in summary.items() if k not in ("model", "ema_model")},
               "grid": None, "eval": None}
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
