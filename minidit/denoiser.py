@@ -183,11 +183,29 @@ class Denoiser:
         return out
 
     def _native_time(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(c_in, t_native) for a time t of `process` (see the module docstring)."""
-        t_native = self.native.t_from_log_snr(self.process.log_snr(t))
+        """(c_in, t_native) for a time t of `process` (see the module docstring).
+
+        A native process with a `trained_range` (a DDPM table: steps 0..T−1) refuses a time whose
+        log-SNR lies outside it, instead of clamping to the table's end.
+        """
+        lam = self.process.log_snr(t)
+        if getattr(self.native, "trained_range", None) is not None:
+            self._check_trained(lam)
+        t_native = self.native.t_from_log_snr(lam)
         if isinstance(t, Tensor) and t.ndim:
             t_native = t_native.to(t)
         return self.native.alpha(t_native) / self.process.alpha(t), t_native
+
+    def _check_trained(self, lam: Tensor) -> None:
+        first, last = self.native.trained_range
+        lam_hi, lam_lo = float(self.native.log_snr(first)), float(self.native.log_snr(last))
+        tol = 1e-9 * max(1.0, abs(lam_hi), abs(lam_lo))  # float64 round-off of the grid
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        if bool(((lam > lam_hi + tol) | (lam < lam_lo - tol)).any()):  # per-sample times: one read
+            worst = float(lam.max()) if float(lam.max()) > lam_hi + tol else float(lam.min())
+            raise ValueError(f"{self.name} was trained on {self.native!r}, log-SNR in [{lam_lo:.4g}, {lam_hi:.4g}], "
+                             f"and cannot be asked for log-SNR {worst:.4g} on {self.process!r}; keep the grid "
+                             f"inside (a later t_end, or the DDPM table's own process)")
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
         """One evaluation at (x [B, ...], t): a `Prediction` on `process`."""

@@ -29,7 +29,7 @@ from torch import Tensor
 from minidit.ddim import sample_ddim
 from minidit.ddpm import sample_ddpm
 from minidit.denoiser import Denoiser
-from minidit.dpm_solver import sample_dpm_solver_2m
+from minidit.dpm_solver import sample_dpm_solver_2m, sample_dpm_solver_3m
 from minidit.grids import Callback, check_steps, intervals, report
 from minidit.ode import sample_euler, sample_heun, sample_rk45
 from minidit.process import noise_like, per_sample
@@ -130,6 +130,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun,
     "rk45": sample_rk45,
     "dpm_solver++": sample_dpm_solver_2m,
+    "dpm_solver++3m": sample_dpm_solver_3m,
     "euler_maruyama": sample_euler_maruyama,
     "reverse_diffusion": sample_reverse_diffusion,
     "langevin": sample_langevin,

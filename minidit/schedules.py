@@ -51,6 +51,7 @@ class TableVP(VP):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         self.T = betas.numel()
         self.t_eps = 1.0 / self.T  # the table's first step
+        self.trained_range = (1.0 / self.T, 1.0)  # the times of steps 0 and T − 1: what a DDPM network saw
         self.rates = -torch.log1p(-betas) * self.T  # β(t) on each step, [T]
         self.knots = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(-torch.log1p(-betas), 0)])  # B(i/T)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minidit.denoiser import Denoiser
-from minidit.dpm_solver import sample_dpm_solver_2m
+from minidit.dpm_solver import dpm_solver_3m_step, sample_dpm_solver_2m, sample_dpm_solver_3m
 from minidit.edm import EDMProcess
 from minidit.flow import FlowProcess
 from minidit.grids import (Trajectory, ddpm_grid, karras_grid, karras_sigmas, log_snr_grid, uniform_grid)
@@ -43,6 +43,7 @@ CONFIGS = {
     "rk45": dict(rtol=1e-4, atol=1e-4),  # ~110
     "edm": dict(steps=18),  # 35
     "dpm_solver++": dict(steps=20),  # 20
+    "dpm_solver++3m": dict(steps=20),  # 20
 }
 NFE = {"pc": 300, "langevin": 1000, "heun": 60, "edm": 35}
 
@@ -66,7 +67,7 @@ def setup(name: str, den: Denoiser, steps: int | None = None, t_start: float | N
     if name == "edm":
         edm = den.on(EDMProcess())
         return edm, karras_grid(edm.process, steps, span=den.process)
-    if name == "dpm_solver++":
+    if name.startswith("dpm_solver++"):
         return den, log_snr_grid(den.process, steps, t_start)
     return den, uniform_grid(den.process, steps or 30, t_start)
 
@@ -107,7 +108,7 @@ def test_every_sampler_draws_the_mixture_other_processes(name, process, referenc
 
 GRIDS = {"uniform": lambda p, s: uniform_grid(p, s), "ddpm": lambda p, s: ddpm_grid(1000, s),
          "karras": lambda p, s: karras_grid(p, s), "log_snr": lambda p, s: log_snr_grid(p, s)}
-SOLVERS = {"euler": 100, "heun": 30, "ddim": 50, "dpm_solver++": 20, "rk45": 20}  # steps of the grid
+SOLVERS = {"euler": 100, "heun": 30, "ddim": 50, "dpm_solver++": 20, "dpm_solver++3m": 20, "rk45": 20}  # steps
 
 
 @pytest.mark.parametrize("grid", list(GRIDS))
@@ -177,11 +178,30 @@ def test_euler_heun_and_dpm_solver_convergence_orders(process):
                   for s in (40, 80, 160)]
         ratios = [a / b for a, b in zip(errors, errors[1:])]
         assert all(abs(math.log2(r) - order) < 0.4 for r in ratios), (method, ratios)
-    # DPM-Solver++(2M) is second order in its log-SNR steps (from t = 0.95: the flow's λ(1) is −inf)
+    # DPM-Solver++(2M) and (3M) are second and third order in their log-SNR steps (from t = 0.95:
+    # the flow's λ(1) is −inf)
     exact = _ode_reference(den, x1, 0.95, 0.05)
-    errors = [(sample_dpm_solver_2m(den, x1, log_snr_grid(process, s, 0.95, 0.05)) - exact).norm(dim=1).mean().item()
-              for s in (40, 80, 160)]
-    assert all(abs(math.log2(a / b) - 2) < 0.4 for a, b in zip(errors, errors[1:])), errors
+    for solver, order in ((sample_dpm_solver_2m, 2), (sample_dpm_solver_3m, 3)):
+        errors = [(solver(den, x1, log_snr_grid(process, s, 0.95, 0.05), lower_order_final=False) - exact)
+                  .norm(dim=1).mean().item() for s in (40, 80, 160)]
+        assert all(abs(math.log2(a / b) - order) < 0.4 for a, b in zip(errors, errors[1:])), (order, errors)
+
+
+def test_the_3m_step_is_exact_when_the_data_prediction_is_quadratic_in_log_snr():
+    # x̂0(ℓ) = a + b ℓ + c ℓ² (ℓ = log(alpha/sigma)): the exponential integrator of DPM-Solver++ has the
+    # closed form x_t = (sigma_t/sigma_s) x_s + alpha_t ∫₀ʰ e^{−(h−u)} x̂0(ℓ_s + u) du, here by quadrature
+    process, a, b, c = VPSDE(), 0.3, -0.8, 0.25
+    ell = lambda t: 0.5 * float(process.log_snr(t))  # noqa: E731
+    x0_of = lambda l: torch.full((5, 2), a + b * l + c * l * l, dtype=torch.float64)  # noqa: E731
+    den = Denoiser(lambda x, t: x0_of(ell(t[0])), "x0", process)
+    t2, t1, t, t_next = (torch.tensor(v, dtype=torch.float64) for v in (0.8, 0.7, 0.55, 0.4))
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out, _ = dpm_solver_3m_step(den, x, t, t_next, [(x0_of(ell(t2)), ell(t2)), (x0_of(ell(t1)), ell(t1))])
+    h, n = ell(t_next) - ell(t), 20000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) * h / n  # midpoint rule, error O((h/n)²)
+    integral = (torch.exp(-(h - u)) * (a + b * (ell(t) + u) + c * (ell(t) + u) ** 2)).sum() * h / n
+    exact = process.sigma(t_next) / process.sigma(t) * x + process.alpha(t_next) * integral
+    torch.testing.assert_close(out, exact, rtol=1e-9, atol=1e-9)
 
 
 def test_rk45_error_control():
@@ -341,6 +361,6 @@ def test_bad_inputs_raise_clear_errors():
             calls.append(1)
             return -x * (torch.nan if len(calls) >= 4 else 1.0)
 
-        grid = (log_snr_grid if name == "dpm_solver++" else uniform_grid)(sde, 10)
+        grid = (log_snr_grid if name.startswith("dpm_solver++") else uniform_grid)(sde, 10)
         with pytest.raises(ValueError, match=r"NaN or inf at step 3 "):
             SAMPLERS[name](Denoiser(nan_late, "score", sde), x, grid)

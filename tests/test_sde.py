@@ -253,3 +253,30 @@ def test_denoiser_checks_kind_and_outputs():
         den(torch.ones(2, 2), torch.tensor(step / 10, dtype=torch.float64) + 0.05)
     with pytest.raises(ValueError, match="NaN or inf at step 3"):
         den.check_finite()
+
+
+def test_a_ddpm_network_refuses_log_snr_outside_its_table():
+    # sub-VP's log-SNR near t = 0 is far above the linear table's first step (β_0 = 1e-4): the
+    # table's process cannot map it to a step, so the view refuses instead of clamping to step 0
+    T = 1000
+    table = make_schedule("linear", T).process
+    seen = []
+    den = Denoiser(lambda x, tau: seen.append(tau) or x, "eps", table, time_scale=T, time_shift=-1.0)
+    view = den.on(SubVPSDE())
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    lam_first = float(table.log_snr(1.0 / T))
+    t_inside = float(SubVPSDE().t_from_log_snr(torch.tensor(lam_first - 0.5, dtype=torch.float64)))
+    t_outside = float(SubVPSDE().t_from_log_snr(torch.tensor(lam_first + 0.5, dtype=torch.float64)))
+    view(x, t_inside)  # inside the table: fine
+    assert 0.0 <= float(seen[-1][0]) < 1.0
+    for t in (t_outside, torch.tensor([t_inside, t_outside], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="log-SNR"):
+            view(x if isinstance(t, float) else x[:2], t)
+    # the far end: beyond the table's last step (pure noise side)
+    lam_last = float(table.log_snr(1.0))
+    t_beyond = math.exp(-(lam_last - 1.0) / 2)  # EDM: sigma = t, log-SNR = −2 log t
+    with pytest.raises(ValueError, match="log-SNR"):
+        den.on(EDMProcess())(x, t_beyond)
+    # the table's own ends are inside (round-off of the grid must not trip it)
+    for t in (1.0 / T, 1.0):
+        den.on(VPSDE())(x, float(VPSDE().t_from_log_snr(table.log_snr(t))))

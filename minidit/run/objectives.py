@@ -101,7 +101,7 @@ class DiffusionObjective:
     def default_grid(self, name: str) -> str:
         if name in ("ddpm", "ddim") and self.kind == "ddpm":
             return "ddpm"
-        return {"dpm_solver++": "log_snr", "edm": "karras"}.get(name, "uniform")
+        return {"dpm_solver++": "log_snr", "dpm_solver++3m": "log_snr", "edm": "karras"}.get(name, "uniform")
 
     def grid(self, kind: str, steps: int | None, process: Process) -> Tensor:
         """The grid called `kind` with `steps` steps on `process` (see `minidit.grids`)."""
