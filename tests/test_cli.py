@@ -218,7 +218,7 @@ def _nfe(name: str, N: int | None, T: int) -> int | None:
     """Network calls per sample of each sampler with N steps (None: adaptive)."""
     N = N or 0
     return {"ddpm": N or T, "ddim": N, "euler_maruyama": N, "reverse_diffusion": N, "langevin": N, "pc": 2 * N,
-            "edm": 2 * N - 1, "dpm_solver++": N, "euler": N, "heun": 2 * N}.get(name)
+            "edm": 2 * N - 1, "dpm_solver++": N, "dpm_solver++3m": N, "euler": N, "heun": 2 * N}.get(name)
 
 
 @pytest.mark.parametrize("kind", list(OBJECTIVES))
