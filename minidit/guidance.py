@@ -12,6 +12,12 @@ fixed x_t, so the same formula serves a network that predicts any of them. `guid
 labels and a scale to a `Denoiser`; its network is then evaluated once per step on the
 doubled batch [x, x] with labels [y, ∅].
 
+Guidance helps only in the middle of the chain: at high noise it pulls every sample towards
+the same few modes, at low noise it changes little [Interval]. With an
+`interval` (σ_lo, σ_hi] the guided denoiser applies s only where the noise level
+σ = sigma(t)/alpha(t) (EDM's σ, the same on every process) lies in it, and is the plain
+conditional model (one call of batch B, half the cost) elsewhere.
+
 Inpainting with a model trained without masks (the replacement trick, [SDE, App. I.2];
 RePaint without resampling) is a sampler callback: after each step to level t it overwrites
 the known pixels with a fresh forward sample of the known image at that level,
@@ -24,6 +30,7 @@ and with the known image itself after the last step.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -54,7 +61,47 @@ def cfg_predict(model: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor, s
     return uncond + scale * (cond - uncond)
 
 
-def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: int | None = None) -> Denoiser:
+@dataclass(eq=False)
+class Guided(Denoiser):
+    """A denoiser bound to labels `y` [B] and classifier-free guidance scale `cfg_scale` (see the
+    module docstring); `guided` builds one. `interval`: guide only where σ/α ∈ (lo, hi]."""
+
+    y: Tensor | None = None
+    cfg_scale: float = 1.0
+    null_label: int | None = None
+    interval: tuple[float, float] | None = None
+
+    def guides_at(self, t: Tensor | float) -> Tensor:
+        """Whether guidance applies at t: a bool tensor, 0-d for one time, [B] for one per sample."""
+        if self.cfg_scale == 1.0:
+            return torch.tensor(False)
+        if self.interval is None:
+            return torch.tensor(True)
+        noise = self.process.sigma(t) / self.process.alpha(t)  # EDM's σ: the noise-to-signal ratio
+        return (noise > self.interval[0]) & (noise <= self.interval[1])
+
+    def network_output(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """The guided output at (x [B, ...], t): one call of batch B outside the interval, one call
+        of batch 2B (labels y, then ∅) inside it. Labels come from the binding, not from `y`."""
+        if y is not None:
+            raise ValueError("a guided denoiser has its labels bound; call network_output(x, t)")
+        labelled = super().network_output
+        if self.y is None:  # an unconditional model
+            return labelled(x, t)
+        inside = self.guides_at(t)
+        if inside.ndim == 0 and not bool(inside):  # one time, outside: the conditional model alone
+            return labelled(x, t, self.y)
+        t_both = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim else t  # [2B] or one time
+        null = torch.full_like(self.y, int(self.null_label))
+        cond, uncond = labelled(torch.cat([x, x]), t_both, torch.cat([self.y, null])).chunk(2)  # [B, ...] each
+        out = uncond + self.cfg_scale * (cond - uncond)
+        if inside.ndim:  # one time per sample: guide only where inside
+            out = torch.where(inside.to(x.device).reshape(-1, *([1] * (x.ndim - 1))), out, cond)
+        return out
+
+
+def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: int | None = None,
+           interval: tuple[float, float] | None = None) -> Guided:
     """`den` conditioned on labels y [B], guided with scale `cfg_scale` [CFG, Eq. 6].
 
     Args:
@@ -62,24 +109,25 @@ def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: 
         y: labels [B] (checked once here), or None for an unconditional model.
         cfg_scale: s; 1 is the plain conditional model (one call of batch B per step).
         null_label: the "no label" id; needed when cfg_scale != 1.
+        interval: (σ_lo, σ_hi): guide only where σ = sigma(t)/alpha(t) lies in (σ_lo, σ_hi]
+            [Interval]; None guides at every step.
 
     Returns:
-        A fresh denoiser (nfe = 0) whose network is `network(x, τ)`.
+        A fresh denoiser (nfe = 0), evaluated as `den(x, t)` or `.network_output(x, t)`.
     """
-    if y is None:
-        if cfg_scale != 1.0:
-            raise ValueError(f"cfg_scale={cfg_scale} needs class labels y (and null_label)")
-        return dataclasses.replace(den)
-    if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype.is_floating_point:
+    if y is None and cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={cfg_scale} needs class labels y (and null_label)")
+    if y is not None and (not isinstance(y, Tensor) or y.ndim != 1 or y.dtype.is_floating_point):
         raise ValueError(f"y must be an integer tensor of shape [B], got {getattr(y, 'shape', y)!r}")
     if cfg_scale != 1.0 and null_label is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs null_label, the id of the 'no label' class")
-    network = den.network
-    if cfg_scale == 1.0:
-        fn = lambda x, tau: network(x, tau, y)  # noqa: E731
-    else:
-        fn = lambda x, tau: cfg_predict(network, x, tau, y, cfg_scale, null_label)  # noqa: E731
-    return dataclasses.replace(den, network=fn)
+    if interval is not None:
+        lo, hi = (float(v) for v in interval)
+        if not 0 <= lo < hi:
+            raise ValueError(f"the guidance interval (σ_lo, σ_hi] needs 0 <= σ_lo < σ_hi, got {interval}")
+        interval = (lo, hi)
+    fields = {f.name: getattr(den, f.name) for f in dataclasses.fields(Denoiser) if f.init}
+    return Guided(**fields, y=y, cfg_scale=float(cfg_scale), null_label=null_label, interval=interval)
 
 
 def drop_labels(y: Tensor, p: float, null_label: int, generator: torch.Generator | None = None,

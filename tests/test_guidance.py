@@ -60,6 +60,46 @@ def test_cfg_limits_and_one_batched_call():
         assert net.batches == [5]
 
 
+def test_guidance_interval_guides_only_inside_and_halves_the_cost_outside():
+    # [Kynkäänniemi et al. 2024]: guide where σ = sigma/alpha lies in (lo, hi], else the conditional model
+    net = CountingNet()
+    table = make_schedule("linear", 100).process
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    base = Denoiser(net, "eps", table, time_scale=100, time_shift=-1.0)
+    full = guided(base, y, 3.0, NULL)
+    cond = guided(base, y)
+    ts = torch.arange(1, 101, dtype=torch.float64) / 100  # the table's steps
+    noise = table.sigma(ts) / table.alpha(ts)
+    lo, hi = float(noise[29]), float(noise[69])  # steps 31..70 are inside (lo, hi]
+    part = guided(base, y, 3.0, NULL, interval=(lo, hi))
+    with torch.no_grad():
+        for i, t in enumerate(ts.tolist()):
+            net.batches.clear()
+            got = part.network_output(x, t)
+            inside = lo < float(noise[i]) <= hi
+            torch.testing.assert_close(got, (full if inside else cond).network_output(x, t))
+            assert net.batches[0] == (10 if inside else 5)  # one call: doubled only inside
+        # one time per sample: guided where inside, conditional elsewhere (one doubled call)
+        t = ts[torch.tensor([10, 40, 50, 90])]
+        xs, part4 = x[:4], guided(base, y[:4], 3.0, NULL, interval=(lo, hi))
+        want = torch.where(torch.tensor([False, True, True, False])[:, None],
+                           guided(base, y[:4], 3.0, NULL).network_output(xs, t), guided(base, y[:4]).network_output(xs, t))
+        torch.testing.assert_close(part4.network_output(xs, t), want)
+    # on a sampler: NFE counts each step once; the doubled batches are exactly the steps inside
+    net.batches.clear()
+    den = guided(base, y, 3.0, NULL, interval=(lo, hi))
+    grid = ddpm_grid(100, 10)
+    sample_ddim(den, torch.randn(5, 3), grid)
+    inside = [lo < float(table.sigma(t) / table.alpha(t)) <= hi for t in grid[:-1]]
+    assert den.nfe == 10 and net.batches == [10 if k else 5 for k in inside] and 0 < sum(inside) < 10
+    for bad in ((2.0, 1.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="interval"):
+            guided(base, y, 3.0, NULL, interval=bad)
+    with pytest.raises(ValueError, match="labels bound"):
+        den.network_output(x, 0.5, y)
+
+
 @pytest.mark.parametrize("kind", ["x0", "v"])
 def test_cfg_is_the_same_for_every_prediction_type(kind):
     # the ε/x0/v maps are affine at fixed x_t, so guiding x0 or v and converting equals guiding ε

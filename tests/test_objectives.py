@@ -98,6 +98,30 @@ def test_sample_is_seeded_and_guidance_changes_it(objective, model):
     assert not torch.allclose(guided.sample(model, (4, 1, 8, 8), y, torch.Generator().manual_seed(0)), first)
 
 
+@pytest.mark.parametrize("objective", ALL, ids=lambda o: o.kind)
+def test_guidance_interval_of_the_objective(objective, model):
+    # an interval holding every step's σ/α is guidance everywhere; one holding none is the
+    # conditional model; the objective's own interval is the default and is saved in its config
+    y, shape = torch.arange(4), (4, 1, 8, 8)
+    guided = objective_from_config({**objective.config(), "cfg_scale": 3.0, "null_label": 10})
+
+    def draw(o, **kw):
+        return o.make_sampler(model, **kw)(shape, y, torch.Generator().manual_seed(0)).x
+
+    everywhere, cond = draw(guided, cfg_interval=None), draw(guided, cfg_scale=1.0)
+    torch.testing.assert_close(draw(guided, cfg_interval=(0.0, float("inf"))), everywhere)
+    torch.testing.assert_close(draw(guided, cfg_interval=(1e9, 2e9)), cond)
+    within = objective_from_config({**guided.config(), "cfg_interval": [0.5, 2.0]})
+    assert objective_from_config(within.config()).cfg_interval == [0.5, 2.0]
+    bound = within.make_sampler(model)
+    assert bound.cfg_interval == (0.5, 2.0)
+    middle = bound(shape, y, torch.Generator().manual_seed(0)).x
+    assert not torch.allclose(middle, everywhere) and not torch.allclose(middle, cond)
+    torch.testing.assert_close(draw(within, cfg_interval=None), everywhere)
+    with pytest.raises(ValueError, match="interval"):
+        guided.make_sampler(model, cfg_interval=(3.0, 1.0))
+
+
 def test_ddpm_sample_is_ddim(model):
     objective = DDPMObjective(T=50, sample_steps=5, eta=0.0)
     ours = objective.sample(model, (3, 1, 8, 8), None, torch.Generator().manual_seed(2))

@@ -48,7 +48,7 @@ def test_presets_validate_and_build_their_model():
         config.validate()
         assert TrainConfig.from_dict(config.to_dict()) == config, name
         make_objective(config)
-    model = make_model(PRESETS["mnist-cpu"])  # the DiT, sized for MNIST
+    model = make_model(PRESETS["mnist-flow-cpu"])  # the DiT, sized for MNIST
     x = torch.randn(2, 1, 28, 28)
     assert model(x, torch.tensor([3, 500]), torch.tensor([1, 10])).shape == x.shape
 
@@ -83,6 +83,12 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(10, timed, seconds=30.0) == pytest.approx(lr_factor(55, config))  # half the time
     assert lr_factor(10, timed, seconds=60.0) == pytest.approx(0.1)  # the time is up: lr_min
     assert lr_factor(80, timed, seconds=6.0) == pytest.approx(lr_factor(80, config))  # the steps lead
+    # a time budget with a huge step cap: the warm-up still takes its 10 optimiser steps, then the
+    # cosine follows the time
+    capped = dataclasses.replace(config, steps=10**6, minutes=1.0)
+    assert [lr_factor(k, capped, seconds=6.0 * k) for k in range(10)] == pytest.approx([(k + 1) / 10 for k in range(10)])
+    assert lr_factor(10, capped, seconds=30.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (5e5 - 10) / (1e6 - 10))))
+    assert lr_factor(10, capped, seconds=60.0) == pytest.approx(0.1)
 
 
 def test_ema_horizon_follows_the_budget():

@@ -5,12 +5,16 @@ A run stops after `steps` optimiser steps or `minutes` of training, whichever co
 
     f = max(k / steps, elapsed / (60 · minutes))
 
-drives the learning rate and the EMA, so that a run cut short by its time budget is annealed
-when it stops, as a run of the planned length would be. With k_f = f · steps, the step the
-budget has reached:
+drives the learning rate's decay and the EMA, so that a run cut short by its time budget is
+annealed when it stops, as a run of the planned length would be. With k_f = f · steps, the step
+the budget has reached:
 
-    lr_k = lr · (k_f + 1) / warmup                     while k_f < warmup (linear warm-up)
+    lr_k = lr · (k + 1) / warmup                       while k < warmup (linear warm-up)
          = lr_min + (lr − lr_min)(1 + cos πp) / 2,  p = (k_f − warmup)/(steps − warmup)   (cosine)
+
+The warm-up counts optimiser steps k, not the budget: Adam's moment estimates need that many
+real updates however slow the machine (a time budget with a large step cap would otherwise
+warm up in a fraction of a step).
     EMA:  d_k = 1 − (1 − d) · steps / K,  K = k / f, the number of steps the budget allows
 
 so the EMA averages over the same fraction of the run, 1/((1 − d) steps), whatever the
@@ -52,9 +56,9 @@ class Budget:
 
     def lr_factor(self, step: int, seconds: float = 0.0) -> float:
         """lr_k / lr for the step after `step` steps and `seconds` of training."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
         k = max(float(step), self.fraction(step, seconds) * self.steps)  # k_f
-        if k < self.warmup:
-            return (k + 1) / self.warmup
         if not self.cosine:
             return 1.0
         p = min(1.0, (k - self.warmup) / max(1.0, self.steps - self.warmup))

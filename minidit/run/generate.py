@@ -80,26 +80,29 @@ def draw(sampler: Sampler, labels: Tensor, image_shape: tuple[int, int, int], *,
 
 def sample_model(model: nn.Module, objective, config, n: int, *, sampler: str | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, grid: str | None = None,
-                 labels: Sequence[int] | None = None, seed: int = 0, batch_size: int = 250,
-                 progress: bool = False, **options) -> dict:
+                 cfg_interval: tuple[float, float] | None | str = "default", labels: Sequence[int] | None = None,
+                 seed: int = 0, batch_size: int = 250, progress: bool = False, **options) -> dict:
     """n samples of a trained run: `draw` with the objective's `make_sampler` and `class_labels`.
 
     Args:
         model, objective, config: from `minidit.run.build.load_checkpoint` (config: a TrainConfig).
         n: number of samples; labels: the classes to cycle through (None: balanced).
-        sampler, steps, cfg_scale, grid, options: see the objective's `make_sampler`.
+        sampler, steps, cfg_scale, grid, cfg_interval, options: see the objective's `make_sampler`.
 
     Returns:
-        `draw`'s dict plus the resolved "sampler", "steps", "grid" and "cfg_scale".
+        `draw`'s dict plus the resolved "sampler", "steps", "grid", "cfg_scale" and "cfg_interval".
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     extra = {} if grid is None else {"grid": grid}
+    if cfg_interval != "default":  # a latent objective's prior takes no guidance options
+        extra["cfg_interval"] = cfg_interval
     bound = objective.make_sampler(model, sampler, steps, cfg_scale, **extra, **options)
     channels, side, classes = data.dataset_shape(config.dataset)
     ys = class_labels(n, classes if config.class_conditional else 0, labels)
     drawn = draw(bound, ys, (channels, side, side), batch_size=batch_size, seed=seed, progress=progress)
-    return {**drawn, "sampler": bound.name, "steps": bound.steps, "grid": bound.grid, "cfg_scale": bound.cfg_scale}
+    return {**drawn, "sampler": bound.name, "steps": bound.steps, "grid": bound.grid, "cfg_scale": bound.cfg_scale,
+            "cfg_interval": bound.cfg_interval}
 
 
 def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progress: bool = False,
@@ -112,7 +115,8 @@ def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progre
         sampling: the keyword arguments of `sample_model` (sampler, steps, cfg_scale, seed, ...).
 
     Returns:
-        {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "grid", "cfg_scale", "nfe", "seconds"};
+        {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "grid", "cfg_scale", "cfg_interval", "nfe",
+        "seconds"};
         for an autoencoder, its reconstructions' {"psnr", "mse", "fd", "fd_floor", "accuracy", "n"}.
     """
     if objective.kind == "autoencoder":  # an autoencoder is scored on its round trip x -> D(E(x))
@@ -129,13 +133,16 @@ def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progre
     labels = drawn["labels"] if config.class_conditional else None
     scores = evaluate_samples(drawn["images"], labels, dataset=config.dataset, n=n, root=config.data_root,
                               device=device, progress=progress)
-    return {**scores, **{k: drawn[k] for k in ("sampler", "steps", "grid", "cfg_scale", "nfe", "seconds")}}
+    keys = ("sampler", "steps", "grid", "cfg_scale", "cfg_interval", "nfe", "seconds")
+    return {**scores, **{k: drawn[k] for k in keys}}
 
 
 def describe_sampling(result: dict) -> str:
     """"sampler S, N steps (grid G), cfg C, NFE K, T s" of a `sample_model` or `evaluate_model` result."""
     steps = "adaptive steps" if result["steps"] is None else f"{result['steps']} steps"
-    return (f"sampler {result['sampler']}, {steps} ({result['grid']} grid), cfg {result['cfg_scale']:g}, "
+    interval = result.get("cfg_interval")
+    cfg = f"cfg {result['cfg_scale']:g}" + ("" if interval is None else f" on σ in ({interval[0]:g}, {interval[1]:g}]")
+    return (f"sampler {result['sampler']}, {steps} ({result['grid']} grid), {cfg}, "
             f"NFE {result['nfe']:g}, {result['seconds']:.1f} s")
 
 

@@ -58,7 +58,7 @@ class Sampler:
     """A sampler bound to one network: `sampler(shape, y, generator) -> Drawn`.
 
     Attributes:
-        name, steps, grid, cfg_scale: the resolved choice (steps None: adaptive).
+        name, steps, grid, cfg_scale, cfg_interval: the resolved choice (steps None: adaptive).
         device: the network's device, where noise is drawn.
         run: the function that draws.
     """
@@ -69,6 +69,7 @@ class Sampler:
     cfg_scale: float
     device: torch.device
     run: Callable[..., Drawn] = dataclasses.field(repr=False)
+    cfg_interval: tuple[float, float] | None = None
 
     def __call__(self, shape: tuple[int, ...], y: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Drawn:
@@ -83,7 +84,8 @@ class DiffusionObjective:
     """What the three diffusion objectives share: their denoiser's sampling table.
 
     Subclasses set `kind`, `process` and the fields sampler, sample_steps, cfg_scale,
-    null_label, and define `loss` and `denoiser`.
+    null_label, cfg_interval (guide only where σ/α lies in (lo, hi]; None: at every step, see
+    `minidit.guidance`), and define `loss` and `denoiser`.
     """
 
     kind: ClassVar[str]
@@ -115,7 +117,8 @@ class DiffusionObjective:
         return uniform_grid(process, steps, t_end=t_end)
 
     def make_sampler(self, model: nn.Module, name: str | None = None, steps: int | None = None,
-                     cfg_scale: float | None = None, *, grid: str | None = None, **options) -> Sampler:
+                     cfg_scale: float | None = None, *, grid: str | None = None,
+                     cfg_interval: tuple[float, float] | None | str = "default", **options) -> Sampler:
         """Bind the sampler `name` (default: the objective's) to `model`, trained with this objective.
 
         Args:
@@ -123,6 +126,8 @@ class DiffusionObjective:
             name: one of `sampler_names()` ("-" may stand for "_").
             steps: number of steps (default: `sample_steps`; "ddpm" on a DDPM table: all T).
             cfg_scale: classifier-free guidance scale (default: the objective's; 1 without labels).
+            cfg_interval: guide only where σ/α ∈ (lo, hi]; None: at every step; "default": the
+                objective's.
             grid: "uniform", "ddpm", "karras" or "log_snr" (default: the sampler's own).
             options: passed to the sampler function (eta for DDIM, S_churn for Heun/EDM, ...).
 
@@ -150,6 +155,11 @@ class DiffusionObjective:
                              f"got {cfg_scale}")
         if cfg_scale != 1.0 and self.null_label is None:
             raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional checkpoint; use cfg_scale=1")
+        if isinstance(cfg_interval, str):
+            if cfg_interval != "default":
+                raise ValueError(f"cfg_interval must be (lo, hi), None or 'default', got {cfg_interval!r}")
+            cfg_interval = self.cfg_interval
+        interval = None if cfg_interval is None or cfg_scale == 1.0 else tuple(float(v) for v in cfg_interval)
         den = self.denoiser(model, clip_x0=self.kind == "ddpm" and name in ("ddpm", "ddim"))
         if name == "edm":  # EDM's sampler: Heun on σ(t) = t [EDM, Alg. 2]
             den = den.on(EDMProcess())
@@ -158,12 +168,14 @@ class DiffusionObjective:
         options = {"eta": self.eta, **options} if name == "ddim" and hasattr(self, "eta") else options
 
         def run(shape, y, generator):
-            bound = guided(den, y, cfg_scale, self.null_label)
+            bound = guided(den, y, cfg_scale, self.null_label, interval)
             x = den.process.prior_noise(shape, float(time_grid[0]), generator, _device(model))
             x = sample_fn(bound, x, time_grid, generator=generator, **options)
             return Drawn(x, bound.nfe)
 
-        return Sampler(name, steps, grid, cfg_scale, _device(model), run)
+        if interval is not None:  # refuse a bad interval now, not at the first draw
+            guided(den, torch.zeros(1, dtype=torch.long), cfg_scale, self.null_label, interval)
+        return Sampler(name, steps, grid, cfg_scale, _device(model), run, interval)
 
     def sample(self, model: nn.Module, shape: tuple[int, ...], y: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -195,6 +207,7 @@ class DDPMObjective(DiffusionObjective):
     eta: float = 0.0
     cfg_scale: float = 1.0
     null_label: int | None = None
+    cfg_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.diffusion = GaussianDiffusion(make_schedule(self.schedule, self.T), self.prediction,
@@ -233,6 +246,7 @@ class SDEObjective(DiffusionObjective):
     sample_steps: int = 50
     cfg_scale: float = 1.0
     null_label: int | None = None
+    cfg_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction not in ("eps", "score") or self.weighting not in ("variance", "likelihood"):
@@ -272,6 +286,7 @@ class FlowObjective(DiffusionObjective):
     sample_steps: int = 50
     cfg_scale: float = 1.0
     null_label: int | None = None
+    cfg_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.t_sampling not in flow.T_SAMPLINGS:
