@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from minidit.attention import BACKENDS, Attention, CrossAttention
-from minidit.embeddings import LabelEmbedder, TimestepEmbedder
+from minidit.embeddings import LabelEmbedder, TimestepEmbedder, check_conditioned_inputs
 from minidit.vit import Block, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
 
 CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
@@ -86,6 +86,8 @@ DIT_CONFIGS = {
 DIT_CONFIGS.update({
     # 1.9 M parameters, 65 MMACs per image: a batch-128 training step costs ~0.7 CPU-core seconds
     "dit-mnist-cpu": DiTConfig(28, 4, 1, 128, 6, 4, num_classes=10, learn_sigma=False),
+    # the main job's DiT: 4x7x7 latents of the shipped autoencoder, patch 1 (49 tokens), width 96, depth 4
+    "dit-mnist-latent": DiTConfig(7, 1, 4, 96, 4, 3, num_classes=10, learn_sigma=False),
     "dit-mnist-gpu": DiTConfig(28, 2, 1, 384, 12, 6, num_classes=10, learn_sigma=False),
     "dit-cifar10-gpu": DiTConfig(32, 2, 3, 384, 12, 6, num_classes=10, learn_sigma=False),
 })
@@ -209,35 +211,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def _check_inputs(self, x, t, y, force_drop_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raise ValueError on a bad input; return t as a float tensor [B] and the labels [B]."""
+        """Raise ValueError on a bad input (`minidit.embeddings.check_conditioned_inputs`); return t
+        as a float [B] and y [B]."""
         c = self.config
-        if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.input_size, c.input_size):
-            raise ValueError(
-                f"x must have shape [B, {c.in_channels}, {c.input_size}, {c.input_size}], got {list(x.shape)}"
-            )
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != B):
-            raise ValueError(f"t must be a scalar or have shape [{B}], got {list(t.shape)}")
-        if c.num_classes == 0:
-            if y is not None or force_drop_ids is not None:
-                raise ValueError("y (and force_drop_ids) given to an unconditional DiT (num_classes=0)")
-            return t.float().expand(B), None
-        if y is None:  # no label at all: the null label, an unconditional prediction
-            y = torch.full((B,), c.num_classes, dtype=torch.long, device=x.device)
-        if y.shape != (B,) or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"y must be an integer tensor of shape [{B}], got {y.dtype} {list(y.shape)}")
-        if force_drop_ids is not None and force_drop_ids.shape != (B,):
-            raise ValueError(f"force_drop_ids must have shape [{B}], got {list(force_drop_ids.shape)}")
-        # the range is checked where it costs nothing (the CPU); on an accelerator it would make
-        # every step wait, so there the front doors (sampling, the data loader) check labels once
-        if B > 0 and y.device.type == "cpu" and not torch.compiler.is_compiling():
-            if int(y.min()) < 0 or int(y.max()) > c.num_classes:
-                raise ValueError(
-                    f"labels y must lie in [0, {c.num_classes}) or be the null label {c.num_classes}, "
-                    f"got values in [{int(y.min())}, {int(y.max())}]"
-                )
-        return t.float().expand(B), y
+        return check_conditioned_inputs(x, t, y, force_drop_ids, in_channels=c.in_channels,
+                                        input_size=c.input_size, num_classes=c.num_classes, name="DiT")
 
     def forward(
         self,

@@ -92,3 +92,38 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             y = self.drop(y, force_drop_ids)
         return self.table(y)
+
+
+def check_conditioned_inputs(x: torch.Tensor, t, y: torch.Tensor | None, force_drop_ids: torch.Tensor | None, *,
+                             in_channels: int, input_size: int, num_classes: int,
+                             name: str = "network") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check the (x, t, y) of a class-conditional denoiser (the DiT, the U-Net) and return t as a
+    float [B] and y [B] (None for the null label becomes the null label num_classes).
+
+    Raises ValueError on: x not [B, in_channels, input_size, input_size]; t neither a scalar nor
+    [B]; labels given to an unconditional network (num_classes = 0); y not an integer [B];
+    force_drop_ids not [B]; a label outside [0, num_classes] (checked on the CPU only, where it
+    costs nothing: on an accelerator it would make every step wait, so there the front doors,
+    sampling and the data loader, check labels once).
+    """
+    if x.ndim != 4 or tuple(x.shape[1:]) != (in_channels, input_size, input_size):
+        raise ValueError(f"x must have shape [B, {in_channels}, {input_size}, {input_size}], got {list(x.shape)}")
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != B):
+        raise ValueError(f"t must be a scalar or have shape [{B}], got {list(t.shape)}")
+    if num_classes == 0:
+        if y is not None or force_drop_ids is not None:
+            raise ValueError(f"y (and force_drop_ids) given to an unconditional {name} (num_classes=0)")
+        return t.float().expand(B), None
+    if y is None:  # no label at all: the null label, an unconditional prediction
+        y = torch.full((B,), num_classes, dtype=torch.long, device=x.device)
+    if y.shape != (B,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"y must be an integer tensor of shape [{B}], got {y.dtype} {list(y.shape)}")
+    if force_drop_ids is not None and force_drop_ids.shape != (B,):
+        raise ValueError(f"force_drop_ids must have shape [{B}], got {list(force_drop_ids.shape)}")
+    if B > 0 and y.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(y.min()) < 0 or int(y.max()) > num_classes:
+            raise ValueError(f"labels y must lie in [0, {num_classes}) or be the null label {num_classes}, "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+    return t.float().expand(B), y

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minidit.attention import Attention, CrossAttention
 from minidit.dit import DIT_CONFIGS, DiT, DiTConfig
+from minidit.unet import UNET_CONFIGS, UNet, UNetConfig
 from minidit.vit import VIT_CONFIGS, ViT, ViTConfig
 
 # name: (parameters in millions, Gflops = GMACs), from [DiT, Table 4]
@@ -60,14 +61,14 @@ def count_macs(model: nn.Module, *inputs, **kwargs) -> int:
     return counter.get_total_flops() // 2
 
 
-def profile(config: DiTConfig | ViTConfig, batch_size: int = 1) -> tuple[int, int]:
-    """(parameters, MACs of a forward pass of `batch_size` inputs) of a DiT or ViT config,
+def profile(config: DiTConfig | UNetConfig | ViTConfig, batch_size: int = 1) -> tuple[int, int]:
+    """(parameters, MACs of a forward pass of `batch_size` inputs) of a DiT, U-Net or ViT config,
     built on the meta device so that no weight is ever allocated."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with torch.device("meta"):
-        if isinstance(config, DiTConfig):
-            model = DiT(config).eval()
+        if isinstance(config, (DiTConfig, UNetConfig)):  # the same (x, t, y) signature
+            model = (DiT if isinstance(config, DiTConfig) else UNet)(config).eval()
             x = torch.empty(batch_size, config.in_channels, config.input_size, config.input_size)
             t = torch.zeros(batch_size)
             y = torch.zeros(batch_size, dtype=torch.long) if config.num_classes else None
@@ -76,13 +77,13 @@ def profile(config: DiTConfig | ViTConfig, batch_size: int = 1) -> tuple[int, in
             model = ViT(config).eval()
             inputs = (torch.empty(batch_size, config.in_channels, config.image_size, config.image_size),)
         else:
-            raise TypeError(f"config must be a DiTConfig or ViTConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a DiTConfig, UNetConfig or ViTConfig, got {type(config).__name__}")
         return count_params(model), count_macs(model, *inputs)
 
 
 def profile_named(name: str, batch_size: int = 1, **overrides) -> tuple[int, int]:
-    """`profile` of a preset of `DIT_CONFIGS` or `VIT_CONFIGS`, fields overridden by keyword."""
-    presets = {**DIT_CONFIGS, **VIT_CONFIGS}
+    """`profile` of a preset of `DIT_CONFIGS`, `UNET_CONFIGS` or `VIT_CONFIGS`, fields overridden by keyword."""
+    presets = {**DIT_CONFIGS, **UNET_CONFIGS, **VIT_CONFIGS}
     if name not in presets:
         raise ValueError(f"unknown config {name!r}; valid names: {list(presets)}")
     return profile(replace(presets[name], **overrides), batch_size)

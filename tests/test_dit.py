@@ -12,6 +12,7 @@ from minidit.denoiser import Denoiser
 from minidit.embeddings import LabelEmbedder, timestep_frequencies
 from minidit.guidance import guided
 from minidit.sde import VPSDE
+from _backends import assert_fused_equals_explicit
 
 
 def tiny(**overrides) -> DiT:
@@ -82,11 +83,7 @@ def test_fused_and_explicit_attention_give_the_same_dit():
     torch.manual_seed(0)
     model = tiny(conditioning="cross-attention").double()
     x, t, y = torch.randn(3, 2, 8, 8).double(), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2])
-    fused = model(x, t, y)
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = "explicit"
-    torch.testing.assert_close(model(x, t, y), fused)
+    assert_fused_equals_explicit(model, x, t, y)
 
 
 def _perturb(model):

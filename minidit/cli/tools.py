@@ -7,16 +7,17 @@ import argparse
 from minidit.dit import DIT_CONFIGS
 from minidit.exercises.notebooks import clean, generate
 from minidit.flops import paper_table, profile_named
+from minidit.unet import UNET_CONFIGS
 from minidit.vit import VIT_CONFIGS
 
 
 def add_flops_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``minidit flops NAME [--batch-size N] [--conditioning C] | --all``."""
     parser = subparsers.add_parser(
-        "flops", help="parameter and GMAC counts of a DiT or ViT config",
+        "flops", help="parameter and GMAC counts of a DiT, U-Net or ViT config",
         description="Parameters and GMACs (the DiT paper's 'Gflops') of a named config, "
         "counted by torch's FlopCounterMode on the meta device.")
-    parser.add_argument("name", nargs="?", help="a config name, e.g. DiT-XL/2 or vit-mnist")
+    parser.add_argument("name", nargs="?", help="a config name, e.g. DiT-XL/2, unet-mnist-cpu or vit-mnist")
     parser.add_argument("--all", action="store_true", help="the 12 DiT configs vs the paper's Table 4")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--conditioning", default=None,
@@ -30,7 +31,8 @@ def run_flops(args: argparse.Namespace) -> int:
         print(paper_table())
         return 0
     if args.name is None:
-        raise ValueError("give a config name, or --all; valid names: " + ", ".join([*DIT_CONFIGS, *VIT_CONFIGS]))
+        names = [*DIT_CONFIGS, *UNET_CONFIGS, *VIT_CONFIGS]
+        raise ValueError("give a config name, or --all; valid names: " + ", ".join(names))
     overrides = {"conditioning": args.conditioning} if args.conditioning else {}
     params, macs = profile_named(args.name, args.batch_size, **overrides)
     print(f"{args.name}: {params / 1e6:.2f} M parameters, {macs / 1e9:.2f} GMACs "

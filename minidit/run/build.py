@@ -21,8 +21,9 @@ from minidit.run.config import TrainConfig
 from minidit.run.latent import AutoencoderObjective, LatentObjective, latent_input_shape
 from minidit.run.objectives import DIFFUSION_OBJECTIVES, objective_from_config
 from minidit.toy_models import TinyMLP
+from minidit.unet import UNET_BUILDERS
 
-MODEL_BUILDERS = {"mlp": TinyMLP, **AUTOENCODER_BUILDERS}  # other names go to minidit.dit.make_dit
+MODEL_BUILDERS = {"mlp": TinyMLP, **AUTOENCODER_BUILDERS, **UNET_BUILDERS}  # other names go to minidit.dit.make_dit
 OBJECTIVES = {**DIFFUSION_OBJECTIVES, "latent": LatentObjective, "autoencoder": AutoencoderObjective}
 
 
