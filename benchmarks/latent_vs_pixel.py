@@ -3,7 +3,7 @@
 1. Train the autoencoder (`mnist-ae-cpu`, `--ae-minutes`) and score its round trip on `--n`
    training images: PSNR, and the MNIST-classifier FD of the reconstructions beside the floor
    (the FD of those very originals), plus the classifier accuracy of the reconstructions.
-2. Train `mnist-latent-cpu` (the DiT on its 4x7x7 latents) and `mnist-cpu` (the same DiT on
+2. Train `mnist-latent-cpu` (the DiT on its 4x7x7 latents) and `mnist-flow-cpu` (the same DiT on
    28x28 pixels) for `--minutes` each, with the same recipe (rectified flow, batch 32, EMA).
 3. For each, report training images/s (the latent one includes encoding every batch), and draw
    `--n` class-balanced samples with the preset's sampler (Euler x 10, CFG 1.5), timed (the
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     latent = PRESETS["mnist-latent-cpu"]
     configs = {"latent": dataclasses.replace(latent, **common, minutes=args.minutes, out_dir=str(out / "latent"),
                                              objective={**latent.objective, "autoencoder": str(out / "ae/latest.pt")}),
-               "pixel": dataclasses.replace(PRESETS["mnist-cpu"], **common, minutes=args.minutes,
+               "pixel": dataclasses.replace(PRESETS["mnist-flow-cpu"], **common, minutes=args.minutes,
                                             out_dir=str(out / "pixel"))}
     grids = {"reconstructions": torch.cat([recon["images"][:50], recon["reconstructions"][:50]])}
     for name, config in configs.items():
@@ -110,7 +110,7 @@ def write_results(report: dict, grids: dict, folder: Path, argv: list[str] | Non
     text = json.dumps(report, indent=2)
     atomic_write(folder / "latent_vs_pixel.json", lambda tmp: tmp.write_text(text))
     fig = Figure(figsize=(15, 5.4))
-    titles = {"pixel": "pixel DiT (mnist-cpu)", "latent": "latent DiT (mnist-latent-cpu)",
+    titles = {"pixel": "pixel DiT (mnist-flow-cpu)", "latent": "latent DiT (mnist-latent-cpu)",
               "reconstructions": "autoencoder: originals (top 5 rows), reconstructions"}
     for i, (name, images) in enumerate(grids.items()):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -139,7 +139,7 @@ def write_results(report: dict, grids: dict, folder: Path, argv: list[str] | Non
         "| model | space | params | steps | train images/s | sampler | NFE | sampling s (n) | FD | floor | accuracy |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, r in (("mnist-cpu", pix), ("mnist-latent-cpu", lat)):
+    for name, r in (("mnist-flow-cpu", pix), ("mnist-latent-cpu", lat)):
         space = "1x28x28, patch 4, 49 tokens" if r is pix else "4x7x7, patch 1, 49 tokens"
         lines.append(f"| {name} | {space} | {r['params']:,} | {r['train_steps']} | {r['images_per_s']:.0f} | "
                      f"{r['sampler']} x {r['steps']}, cfg "

@@ -10,7 +10,7 @@ come from a wider and deeper model or from more tokens [DiT, Sec. 5, Table 4, Fi
 
 Here a grid of small DiTs (`--sizes`, default XS 32x2, S 64x4, M 128x6, head width 16) x
 patch sizes 7, 4, 2 (16, 49 and 196 tokens of a 28 x 28 digit) is trained with one recipe,
-the `mnist-cpu` preset (rectified flow, batch 32, AdamW 2e-3, warm-up + cosine, EMA), for the
+the `mnist-flow-cpu` preset (rectified flow, batch 32, AdamW 2e-3, warm-up + cosine, EMA), for the
 same number of steps: `--steps`, or as many as fit `--minutes` for the whole grid, measured by
 timing a few steps of every model first. Each model is scored with `--n` class-balanced samples
 (the preset's Euler x 10 sampler with guidance 1.5): the MNIST-classifier Frechet distance beside
@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=["XS", "S", "M"], help=f"of {list(SIZES)}")
     p.add_argument("--patches", type=int, nargs="+", default=list(PATCHES))
     p.add_argument("--n", type=int, default=500, help="samples scored per model (the floor uses the same n)")
-    p.add_argument("--preset", default="mnist-cpu", help="the training recipe (a minidit.run.config preset)")
+    p.add_argument("--preset", default="mnist-flow-cpu", help="the training recipe (a minidit.run.config preset)")
     p.add_argument("--out-dir", default="runs/scaling", help="checkpoints, one folder per model")
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run")

@@ -73,13 +73,13 @@ def test_train_resume_continues_the_run(runs, tmp_path, capsys):
 
 
 def test_overrides_are_converted_to_the_field_types():
-    config = config_from_preset("mnist-cpu", ["steps=1e3", "lr=0.002", "cosine=false", "grad_clip=none",
+    config = config_from_preset("mnist-flow-cpu", ["steps=1e3", "lr=0.002", "cosine=false", "grad_clip=none",
                                           "betas=0.9,0.95", "dataset_size=100", "objective.kind=flow",
                                           "objective.cfg_scale=2", "model_overrides.depth=2"])
     assert config.steps == 1000 and isinstance(config.steps, int)
     assert config.lr == 0.002 and config.cosine is False and config.grad_clip is None
     assert config.betas == (0.9, 0.95) and config.dataset_size == 100
-    assert config.objective == {**PRESETS["mnist-cpu"].objective, "kind": "flow", "cfg_scale": 2}
+    assert config.objective == {**PRESETS["mnist-flow-cpu"].objective, "kind": "flow", "cfg_scale": 2}
     assert config.model_overrides == {"depth": 2}
 
 
@@ -270,7 +270,7 @@ def test_default_sampling_comes_from_the_objective():
 
 
 def test_guidance_needs_a_conditional_model():
-    config = config_from_preset("mnist-cpu", [*TINY, "class_conditional=false"])
+    config = config_from_preset("mnist-flow-cpu", [*TINY, "class_conditional=false"])
     with pytest.raises(ValueError, match="class-conditional"):
         make_objective(config).make_sampler(make_model(config), "euler", 2, cfg_scale=2.0)
     # the preset's own guidance scale does not apply to an unconditional model
@@ -294,18 +294,18 @@ def test_eval_of_a_short_mnist_dit_run(mnist_root, tmp_path, capsys):
     rc = main(["train", "--out", str(folder), "--steps", "4", "--eval-n", "20", "--grid-n", "10",
                "--device", "cpu", "--no-progress", f"data_root={mnist_root}", "dataset_size=64",
                "batch_size=16", "model_overrides.depth=1", "model_overrides.hidden_size=32",
-               "model_overrides.num_heads=2", "objective.sample_steps=2", "sample_every=0",
+               "model_overrides.num_heads=2", "objective.inner.sample_steps=2", "sample_every=0",
                "checkpoint_every=0"])
-    assert rc == 0
+    assert rc == 0  # the main job: a DiT on the latents of the shipped autoencoder
     assert "real-vs-real floor" in capsys.readouterr().out
     saved = json.loads((folder / "eval.json").read_text())
-    assert saved["n"] == 20 and saved["step"] == 4 and saved["nfe"] == 2
+    assert saved["n"] == 20 and saved["step"] == 4 and saved["sampler"] == "heun" and saved["nfe"] == 2 * 2
     rc = main(["eval", "--ckpt", str(folder / "latest.pt"), "--n", "30", "--sampler", "dpm_solver++",
                "--steps", "3", "--cfg", "1.5", "--json", "--device", "cpu", "--no-progress"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "grid", "cfg_scale", "nfe",
-                           "seconds"}
+    assert set(result) == {"fd", "fd_floor", "accuracy", "n", "sampler", "steps", "grid", "cfg_scale",
+                           "cfg_interval", "nfe", "seconds"}
     assert result["n"] == 30 and result["sampler"] == "dpm_solver++" and result["nfe"] == 3
     assert result["cfg_scale"] == 1.5 and result["steps"] == 3 and result["seconds"] > 0
     assert result["fd"] >= 0 and result["fd_floor"] > 0 and 0 <= result["accuracy"] <= 1

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from minidit.run.checkpoint import read_checkpoint
+from minidit.run.config import PRESETS
 from minidit.run.runfolder import RunFolder
 
 TINY = ["--device", "cpu", "--no-progress", "--eval-n", "0", "--grid-n", "10", "model=mlp", "dataset=synthetic",
@@ -244,14 +245,15 @@ def test_training_length_flags_combine_and_conflicts_are_refused(tmp_path):
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout[: proc.stdout.rindex("}") + 1]), proc.stdout.strip().splitlines()[-1]
 
-    config, stop = dry()  # the preset: 5000 steps or 10 minutes
-    assert (config["steps"], config["minutes"]) == (5000, 10.0) and "whichever comes first" in stop
+    preset = PRESETS["mnist-cpu"]
+    config, stop = dry()  # the preset: its steps or its minutes
+    assert (config["steps"], config["minutes"]) == (preset.steps, preset.minutes) and "whichever comes first" in stop
     config, stop = dry("--steps", "400")  # --steps alone: exactly that many, no time limit
     assert (config["steps"], config["minutes"]) == (400, None) and stop == "# the run stops after 400 steps"
     config, _ = dry("--steps", "400", "--minutes", "3")  # both: whichever comes first
     assert (config["steps"], config["minutes"]) == (400, 3.0)
     config, _ = dry("--minutes", "3")  # --minutes alone keeps the preset's steps as a cap
-    assert (config["steps"], config["minutes"]) == (5000, 3.0)
+    assert (config["steps"], config["minutes"]) == (preset.steps, 3.0)
     one_line(minidit("train", "--dry-run", "--steps", "400", "steps=30"), 2, "steps given both as a flag and as key=value")
     one_line(minidit("train", "--out", str(tmp_path / "x"), "--resume", "--restart", *TINY), 2, "not both")
     assert not (tmp_path / "x").exists()

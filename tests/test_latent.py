@@ -149,7 +149,7 @@ def test_presets_and_resolution_checks(run):
     config = config_from_preset("mnist-latent-cpu")  # builds without the autoencoder: its shape is in the preset
     assert make_model(config).config.input_size == 7 and make_model(config).config.in_channels == 4
     assert config_from_preset("cifar10-latent-gpu").objective["latent_shape"] == [4, 8, 8]
-    assert with_autoencoder_facts(PRESETS["mnist-cpu"]) is PRESETS["mnist-cpu"]  # pixel configs pass through
+    assert with_autoencoder_facts(PRESETS["mnist-flow-cpu"]) is PRESETS["mnist-flow-cpu"]  # pixel configs pass through
     wrong = dataclasses.replace(PRESETS["mnist-latent-cpu"], objective={
         **PRESETS["mnist-latent-cpu"].objective, "autoencoder": str(run["ae"])})  # 8x8 autoencoder, MNIST
     with pytest.raises(ValueError, match="reads 1x8x8 images"):

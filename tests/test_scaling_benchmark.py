@@ -38,7 +38,7 @@ def test_grid_is_every_size_by_every_patch(scaling):
 
 def test_dit_config_is_the_model_that_training_builds(scaling):
     point = scaling.build_grid(["XS"], [4])[0]
-    model = make_model(dataclasses.replace(PRESETS["mnist-cpu"], model_overrides=point.overrides()))
+    model = make_model(dataclasses.replace(PRESETS["mnist-flow-cpu"], model_overrides=point.overrides()))
     params, macs = profile(point.dit_config())
     assert params == sum(p.numel() for p in model.parameters())
     assert model.config == point.dit_config()

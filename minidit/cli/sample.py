@@ -11,17 +11,25 @@ from minidit.run.build import load_checkpoint
 from minidit.run.generate import describe_sampling, evaluate_model, format_eval, sample_model
 from minidit.run.objectives import GRID_KINDS
 from minidit.run.outputs import OUTPUT_SUFFIXES, check_output, write_samples
+from minidit.run.pretrained import load as load_pretrained
+from minidit.run.pretrained import names as pretrained_names
 from minidit.samplers import SAMPLERS
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by minidit train (latest.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a checkpoint written by minidit train (latest.pt)")
+    source.add_argument("--pretrained", metavar="NAME",
+                        help="a model that ships with minidit (no training needed): " + (", ".join(pretrained_names()) or "none"))
     names = ", ".join([*SAMPLERS, "edm"])
     parser.add_argument("--sampler", help=f"one of {names} (default: the checkpoint's); a name the "
                         "checkpoint's objective cannot drive lists those it can")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--grid", choices=GRID_KINDS, help="time grid (default: the sampler's own)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="guide only at noise levels sigma/alpha in (LO, HI] (default: the checkpoint's; "
+                             "0 inf: every step)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per sampler call")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the fastest available)")
@@ -59,12 +67,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    return load_checkpoint(args.ckpt, get_device(args.device))
+    """(model, EMA model, objective, config) of --ckpt, or of --pretrained (whose one network is its EMA)."""
+    device = get_device(args.device)
+    if args.pretrained is not None:
+        model, objective, config = load_pretrained(args.pretrained, device)
+        return model, model, objective, config
+    return load_checkpoint(args.ckpt, device)
 
 
 def _sampling(args) -> dict:
+    interval = "default" if args.cfg_interval is None else tuple(args.cfg_interval)
     return {"sampler": args.sampler, "steps": args.steps, "grid": args.grid, "cfg_scale": args.cfg,
-            "seed": args.seed, "batch_size": args.batch_size, "progress": not args.no_progress}
+            "cfg_interval": interval, "seed": args.seed, "batch_size": args.batch_size,
+            "progress": not args.no_progress}
 
 
 def run_sample(args) -> int:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from minidit.autoencoder import AUTOENCODER_BUILDERS, Autoencoder, latent_scaling_factor, vae_loss
 from minidit.data import dataset_shape
+from minidit.run import weights
 from minidit.run.checkpoint import CheckpointError, load_weights, read_checkpoint
 from minidit.run.objectives import Drawn, Sampler, objective_from_config
 
@@ -93,28 +94,36 @@ def _train_hint(preset: str | None) -> str:
 
 
 def _autoencoder_of(path: str, preset: str | None) -> tuple[Autoencoder, dict]:
-    """An (untrained) autoencoder of the checkpoint's architecture, and the checkpoint's contents."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"this latent model needs the autoencoder checkpoint {path}, which does not "
-                              f"exist; {_train_hint(preset)}")
-    state = read_checkpoint(path)
-    config = state["config"]
+    """An (untrained) autoencoder of the checkpoint's architecture, and its EMA weights.
+
+    `path` is a checkpoint file, or "pretrained:NAME" for one that ships with minidit.
+    """
+    if path.startswith(weights.PREFIX):
+        ema, shipped = weights.read(path[len(weights.PREFIX):])
+        config = shipped.config
+    else:
+        if not Path(path).is_file():
+            raise CheckpointError(f"this latent model needs the autoencoder checkpoint {path}, which does not "
+                                  f"exist; {_train_hint(preset)}")
+        state = read_checkpoint(path)
+        config, ema = state["config"], state["ema"]["model"]
     if config.get("model") not in AUTOENCODER_BUILDERS:
         raise CheckpointError(f"{path} holds a {config.get('model')!r} model, not an autoencoder; {_train_hint(preset)}")
     channels, side, _ = dataset_shape(config["dataset"])
     model = AUTOENCODER_BUILDERS[config["model"]](channels, side, **config.get("model_overrides", {}))
-    return model, state
+    return model, ema
 
 
 def load_autoencoder(path: str, expected: str | None = None, preset: str | None = None) -> tuple[Autoencoder, str]:
-    """The EMA autoencoder of checkpoint `path` (eval mode, frozen, CPU) and its fingerprint.
+    """The EMA autoencoder of checkpoint `path` (or "pretrained:NAME"; eval mode, frozen, CPU)
+    and its fingerprint.
 
     Raises:
         CheckpointError: the file is missing or unreadable, holds no autoencoder, or its
             fingerprint is not `expected`; the message says how to get the right one.
     """
-    model, state = _autoencoder_of(path, preset)
-    load_weights(model, state["ema"]["model"], path)
+    model, ema = _autoencoder_of(path, preset)
+    load_weights(model, ema, path)
     found = fingerprint(model.state_dict())
     if expected is not None and found != expected:
         raise CheckpointError(f"the autoencoder at {path} is not the one this latent model was trained with "
@@ -137,7 +146,8 @@ class LatentObjective:
     """A diffusion objective (`inner`, a config of `minidit.run.objectives`) trained on latents.
 
     Args:
-        autoencoder: path of the autoencoder's checkpoint (a `minidit train` run's latest.pt).
+        autoencoder: path of the autoencoder's checkpoint (a `minidit train` run's latest.pt), or
+            "pretrained:NAME" for one that ships with minidit (`minidit.run.weights`).
         inner: the diffusion objective's config, e.g. {"kind": "flow", ...}.
         autoencoder_preset: the preset that trains that autoencoder (named in error messages).
         latent_shape, fingerprint, scaling_factor: filled in by `with_autoencoder_facts` when a
@@ -172,6 +182,7 @@ class LatentObjective:
     sampler = property(lambda self: self.inner_objective.sampler)
     sample_steps = property(lambda self: self.inner_objective.sample_steps)
     cfg_scale = property(lambda self: self.inner_objective.cfg_scale)
+    cfg_interval = property(lambda self: self.inner_objective.cfg_interval)
 
     def config(self) -> dict:
         return {"kind": self.kind, **dataclasses.asdict(self)}
