@@ -75,13 +75,14 @@ def main() -> None:
             ckpt = Path(tmp) / "run" / "latest.pt"
             subprocess.run([sys.executable, "-c", TRAIN, "train", "--preset", "mnist-cpu", "--out", str(ckpt.parent),
                             "--steps", "1", "--eval-n", "0", "--grid-n", "10", "--device", "cpu", "--no-progress",
-                            "dataset_size=256", "sample_every=0"], check=True, env=env_old, capture_output=True)
+                            "dataset_size=256", "sample_every=0"], check=True, env=env_old, capture_output=True,
+                           cwd=tmp)  # not this checkout's folder: python -c puts the cwd first on sys.path
             env_new = {**os.environ, "PYTHONPATH": str(ROOT)}
             new_ckpt = Path(tmp) / "new-run" / "latest.pt"
             subprocess.run([sys.executable, "-c", TRAIN, "train", "--preset", "mnist-cpu", "--out",
                             str(new_ckpt.parent), "--steps", "1", "--eval-n", "0", "--grid-n", "10", "--device", "cpu",
                             "--no-progress", "dataset_size=256", "sample_every=0"], check=True, env=env_new,
-                           capture_output=True)
+                           capture_output=True, cwd=tmp)
             envs = {"old": env_old, "engine": env_new, "new": env_new}
             ckpts = {"old": ckpt, "engine": ckpt, "new": new_ckpt}
             for r in range(args.repeats):
@@ -99,8 +100,8 @@ def main() -> None:
     rounds = {k: ", ".join(f"{r['seconds']:.2f}" for r in v) for k, v in times.items()}
     lines = [f"# Sampling speed: {args.n} MNIST digits with `mnist-cpu`'s default sampler", "",
              f"Written by `python benchmarks/sampling_speed.py --old-ref {args.old_ref} --n {args.n} --repeats "
-             f"{args.repeats}` on the CPU ({machine}, {times['new'][0]['threads']} torch threads). The two "
-             "versions alternate, each in a fresh process, on the same checkpoint.", "",
+             f"{args.repeats}` on the CPU ({machine}, {times['new'][0]['threads']} torch threads). The three "
+             "rows alternate, each in a fresh process; the first two share one checkpoint.", "",
              "| version | checkpoint | sampler | seconds per round | median |", "|---|---|---|---|---|",
              *[f"| {version} | {ck} | {_sampler(times[k][0])} | {rounds[k]} | {median[k]:.2f} |"
                for k, version, ck in (("old", f"{args.old_ref} (before)", "its mnist-cpu"),
