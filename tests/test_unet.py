@@ -252,6 +252,18 @@ def test_train_command_builds_and_trains_a_unet_by_name(tmp_path):
     assert objective.sample(ema, (4, 1, 8, 8), torch.arange(4), torch.Generator().manual_seed(0)).shape == (4, 1, 8, 8)
 
 
+def test_the_main_job_trains_a_unet_on_its_latents(mnist_root, tmp_path):
+    # mnist-cpu diffuses the shipped autoencoder's 4 x 7 x 7 latents: the latent U-Net is sized for them
+    rc = main(["train", "--preset", "mnist-cpu", "--out", str(tmp_path), "--steps", "2", "--eval-n", "0",
+               "--grid-n", "10", "--device", "cpu", "--no-progress", f"data_root={mnist_root}", "dataset_size=64",
+               "batch_size=16", "sample_every=0", "checkpoint_every=0", "model=unet-mnist-latent",
+               "objective.inner.sample_steps=1"])
+    assert rc == 0
+    _, ema, objective, config = load_checkpoint(tmp_path / "latest.pt")
+    assert isinstance(ema, UNet) and (ema.config.in_channels, ema.config.input_size) == (4, 7)
+    assert objective.sample(ema, (2, 1, 28, 28), torch.tensor([3, 7])).shape == (2, 1, 28, 28)  # decoded digits
+
+
 def test_make_unet_refuses_an_unknown_name():
     with pytest.raises(ValueError, match="unet-mnist-cpu"):
         make_unet("unet-nope")
