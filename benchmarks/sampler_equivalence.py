@@ -127,7 +127,8 @@ def old_checkpoints(ref: str, work: Path) -> dict:
             subprocess.run([sys.executable, "-c", code, "train", "--preset", "mnist-cpu", "--out", str(out), "--steps",
                             "10", "--device", "cpu", "--eval-n", "0", "--grid-n", "10", "--no-progress", *tiny,
                             f"objective={objective}"], check=True, env={**os.environ, "PYTHONPATH": str(tree)},
-                           capture_output=True)
+                           capture_output=True, cwd=work)  # not the checkout: python -c puts the cwd first
+                                                           # on sys.path, ahead of PYTHONPATH
             ckpts[kind] = str(out / "latest.pt")
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
