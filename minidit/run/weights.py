@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidit.run.checkpoint import CheckpointError
+from minidit.run.outputs import atomic_write
 
 FOLDER = Path(__file__).resolve().parents[1] / "weights"
 PREFIX = "pretrained:"
@@ -101,11 +102,10 @@ def write(name: str, state_dict: dict[str, torch.Tensor], config: dict, record: 
     path = folder / f"{name}.safetensors"
     tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().clone()
                for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={"name": name, "format": "minidit-pretrained"})
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"name": name, "format": "minidit-pretrained"}))
     new = Entry(name=name, file=path.name, sha256=sha256_of(path), dtype=dtype, config=config, record=record)
     manifest = _manifest(folder)
     manifest[name] = {k: v for k, v in asdict(new).items() if k != "name"}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / "manifest.json")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(text))
     return new
