@@ -34,7 +34,7 @@ from minidit.run.generate import evaluate_model
 MODELS = {
     "mnist-ae": ("mnist-ae-cpu", [], "float32"),
     "mnist-dit": ("mnist-cpu", [], "float16"),  # the main job: a DiT on the shipped autoencoder's latents
-    "mnist-ddpm": ("mnist-ddpm-cpu", [], "float16"),
+    "mnist-ddpm": ("mnist-ddpm-latent-cpu", [], "float16"),  # DDPM-style (ε, cosine table) on the same latents
 }
 
 

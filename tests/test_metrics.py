@@ -238,3 +238,29 @@ def test_accuracy_against_permuted_labels_is_chance():
     assert abs(acc - chance) < 0.035
     with pytest.raises(ValueError, match="n must be an int"):
         evaluate_samples(images, n=2001)
+
+
+def test_quality_line_has_the_tutorials_form():
+    from minidit.metrics import quality_line
+    line = quality_line({"fd": 6.4213, "fd_floor": 6.0871, "accuracy": 0.9812, "n": 1000})
+    assert line == "quality: accuracy 0.981, FD 6.42 (floor 6.09), n 1000"
+    assert quality_line({"fd": 1.0, "fd_floor": 2.0, "accuracy": None, "n": 10}, "DiT").startswith(
+        "DiT quality: accuracy -, FD 1.00")
+    with pytest.raises(ValueError, match="evaluate_samples"):
+        quality_line({"fd": 1.0})
+
+
+def test_nearest_neighbours_finds_copies_and_measures_rms_distance():
+    from minidit.metrics import nearest_neighbours
+    gen = torch.Generator().manual_seed(0)
+    refs = torch.rand(50, 1, 4, 4, generator=gen) * 2 - 1
+    # copies of references 7 and 3, and one image offset by a constant 0.1 from reference 11
+    queries = torch.stack([refs[7], refs[3], refs[11] + 0.1])
+    d, j = nearest_neighbours(queries, refs, batch_size=2)
+    assert j.tolist()[:2] == [7, 3]
+    torch.testing.assert_close(d[:2], torch.zeros(2), atol=1e-5, rtol=0)
+    # brute force agrees for the third
+    brute = ((queries[2] - refs).flatten(1).pow(2).mean(1)).sqrt()
+    assert j[2] == brute.argmin() and abs(d[2] - brute.min()) < 1e-5
+    with pytest.raises(ValueError, match="one image shape"):
+        nearest_neighbours(queries, torch.zeros(3, 1, 5, 5))

@@ -112,6 +112,8 @@ _MNIST_Z = {"kind": "latent", "autoencoder": "runs/mnist-ae-cpu/latest.pt", "aut
 # tried by benchmarks/mnist_recipe.py --tune-sampling latent-small-10k --sampling-set latent
 _MAIN_Z = {**_MNIST_Z, "autoencoder": "pretrained:mnist-ae",
            "inner": {**_FLOW, "sampler": "heun", "sample_steps": 5, "cfg_interval": [0.0, 2.0]}}
+_DDPM_Z = {"kind": "ddpm", "schedule": "cosine", "prediction": "eps", "sampler": "ddim", "sample_steps": 20,
+           "cfg_scale": 1.5, "cfg_interval": [0.0, 2.0]}
 _CIFAR_Z = {"kind": "latent", "autoencoder": "runs/cifar10-ae-gpu/latest.pt", "autoencoder_preset": "cifar10-ae-gpu",
             "latent_shape": [4, 8, 8], "inner": {**_FLOW, "sample_steps": 50, "cfg_scale": 2.0}}
 PRESETS: dict[str, TrainConfig] = {
@@ -121,6 +123,11 @@ PRESETS: dict[str, TrainConfig] = {
     "mnist-ddpm-cpu": TrainConfig(objective={"kind": "ddpm", "schedule": "cosine", "prediction": "v",
                                              "sampler": "ddim", "sample_steps": 20, "cfg_scale": 1.5},
                                   **_CPU, out_dir="runs/mnist-ddpm-cpu"),
+    # the shipped DDPM-style model (pretrained:mnist-ddpm): the main job's recipe with ε-prediction on a
+    # discrete cosine table, T = 1000, sampled by DDIM
+    "mnist-ddpm-latent-cpu": TrainConfig(objective={**_MAIN_Z, "inner": _DDPM_Z},
+                                         **{**_CPU, "model": "dit-mnist-latent", "lr": 5e-3, "steps": 10_000,
+                                            "ema_decay": 0.999}, out_dir="runs/mnist-ddpm-latent-cpu"),
     "mnist-gpu": TrainConfig(model="dit-mnist-gpu", objective=_FLOW, dataset="mnist", steps=30_000, **_GPU,
                              out_dir="runs/mnist-gpu"),
     "cifar10-gpu": TrainConfig(model="dit-cifar10-gpu", objective={**_FLOW, "sample_steps": 50, "cfg_scale": 2.0},

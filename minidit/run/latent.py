@@ -173,7 +173,8 @@ class LatentObjective:
             raise ValueError("a latent objective needs autoencoder=PATH of an autoencoder checkpoint")
         if self.inner.get("kind") in ("latent", "autoencoder"):
             raise ValueError(f"the inner objective must be a diffusion objective, got {self.inner.get('kind')!r}")
-        self.inner_objective = objective_from_config({"null_label": self.null_label, **self.inner})
+        unclipped = {"clip_x0": False} if self.inner.get("kind") == "ddpm" else {}  # latents have no [-1, 1]
+        self.inner_objective = objective_from_config({"null_label": self.null_label, **unclipped, **self.inner})
         self._ae = None
         if self.fingerprint is not None:  # a trained model: its autoencoder must be there, unchanged
             self.load()

@@ -160,7 +160,7 @@ class DiffusionObjective:
                 raise ValueError(f"cfg_interval must be (lo, hi), None or 'default', got {cfg_interval!r}")
             cfg_interval = self.cfg_interval
         interval = None if cfg_interval is None or cfg_scale == 1.0 else tuple(float(v) for v in cfg_interval)
-        den = self.denoiser(model, clip_x0=self.kind == "ddpm" and name in ("ddpm", "ddim"))
+        den = self.denoiser(model, clip_x0=getattr(self, "clip_x0", False) and name in ("ddpm", "ddim"))
         if name == "edm":  # EDM's sampler: Heun on σ(t) = t [EDM, Alg. 2]
             den = den.on(EDMProcess())
         time_grid = self.grid(grid, self.sample_steps if name in ADAPTIVE else steps, den.process)
@@ -194,6 +194,8 @@ class DDPMObjective(DiffusionObjective):
         sampler, sample_steps, eta: the default sampler ("ddim" with η, "ddpm", or any other name).
         cfg_scale, null_label: classifier-free guidance when sampling (null_label is the "no
             label" class; the training loop sets it to the number of classes).
+        clip_x0: the "ddpm" and "ddim" samplers clip x̂0 to the data range [-1, 1] [DDPM]; off
+            for latents, which have no such range (a latent objective turns it off).
     """
 
     kind: ClassVar[str] = "ddpm"
@@ -208,6 +210,7 @@ class DDPMObjective(DiffusionObjective):
     cfg_scale: float = 1.0
     null_label: int | None = None
     cfg_interval: tuple[float, float] | None = None
+    clip_x0: bool = True
 
     def __post_init__(self) -> None:
         self.diffusion = GaussianDiffusion(make_schedule(self.schedule, self.T), self.prediction,
