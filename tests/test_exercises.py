@@ -3,6 +3,7 @@ ones; the student-notebook generator stubs solutions out; committed student note
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from minidit import exercises as ex
+from minidit.exercises import assignments
 from minidit.exercises import notebooks as nbtools
 from minidit.cli import main
 
@@ -197,8 +199,77 @@ def test_committed_notebooks_are_clean_and_student_versions_up_to_date():
     assert nbtools.clean(notebooks, check=True) == []
     assert nbtools.generate(tutorials, tutorials / "student", check=True) == [], \
         "run: minidit exercises generate tutorials/ --out tutorials/student/"
-    for path in notebooks:  # every exercise has a graded check right after it
-        sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"]]
-        for i, src in enumerate(sources):
-            if nbtools.BEGIN in src:
-                assert "check_" in sources[i + 1], f"{path.name}: cell {i + 1} should grade cell {i}"
+    # that every exercise is graded by a locked check cell: tests/test_grading.py
+
+
+# ----------------------------------------------------------------------------------------
+# Notebooks as nbgrader assignments: exercises, their checks, written questions, problems
+
+
+def _grade(grade_id, points=1):
+    return {"nbgrader": {"grade": True, "solution": False, "locked": True, "points": points, "grade_id": grade_id,
+                         "schema_version": 3, "task": False}}
+
+
+def _solution(grade_id):
+    return {"nbgrader": {"grade": False, "solution": True, "locked": False, "grade_id": grade_id,
+                         "schema_version": 3, "task": False}}
+
+
+ANSWER = {"nbgrader": {"grade": True, "solution": True, "locked": False, "points": 2, "grade_id": "q1",
+                       "schema_version": 3, "task": False}}
+
+
+def _assignment():
+    """Two exercises (f, then g that uses y from f's check cell) and one written question."""
+    return _notebook(("code", SOLUTION_CELL, _solution("f")),
+                     ("code", "check_f(f)\ny = f(3)", _grade("check_f")),
+                     ("code", "def g(x):\n    ### BEGIN SOLUTION\n    return y + x\n    ### END SOLUTION",
+                      _solution("g")),
+                     ("code", "check_g(g, extra=1)", _grade("check_g", points=2)),
+                     ("markdown", "**Question 1 (2 points).** Why?", {}),
+                     ("markdown", "### BEGIN SOLUTION\nBecause.\n### END SOLUTION", copy.deepcopy(ANSWER)))
+
+
+def test_assignment_finds_exercises_checks_and_questions():
+    nb = _assignment()
+    f, g = assignments.exercises(nb)
+    assert (f.cell, f.functions, f.checks, f.calls, f.points) == (0, ("f",), (1,), (("check_f", "f"),), 1)
+    assert (g.cell, g.functions, g.checks, g.points) == (2, ("g",), (3,), 2)
+    assert assignments.graded_cells(nb) == [1, 3]
+    assert assignments.questions(nb) == [assignments.Question(5, "q1", 2)]
+    assert assignments.problems(nb) == []
+
+
+def test_with_stub_stubs_only_the_one_exercise():
+    nb = _assignment()
+    stubbed = assignments.with_stub(nb, 2)
+    assert "raise NotImplementedError()" in "".join(stubbed["cells"][2]["source"])
+    assert "return y + x" not in "".join(stubbed["cells"][2]["source"])
+    assert stubbed["cells"][0] == nb["cells"][0] and "return y + x" in "".join(nb["cells"][2]["source"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda nb: nb["cells"][1]["metadata"].clear(), "cell 1 calls check_f but is not a locked nbgrader grade cell"),
+    (lambda nb: nb["cells"][3]["metadata"]["nbgrader"].update(grade_id="check_f"), "'check_f' is also cell 1's"),
+    (lambda nb: nb["cells"][3]["metadata"]["nbgrader"].pop("points"), "without points"),
+    (lambda nb: nb["cells"][0]["metadata"].clear(), "block in a cell without nbgrader metadata"),
+    (lambda nb: nb["cells"][5]["metadata"]["nbgrader"].update(grade=False), "both `grade: true` and `solution"),
+    (lambda nb: nb["cells"][5].update(source="Because."), "without a '### BEGIN SOLUTION' block"),
+    (lambda nb: nb["cells"][4].update(source="Keep the ### BEGIN SOLUTION line."), "mentions a solution delimiter"),
+    (lambda nb: nb["cells"][4].update(source="**Question 1 (3 points).**"), "says 3 points, its answer cell gives 2"),
+    (lambda nb: nb["cells"][3].update(source="print(g)"), "no cell calls a check on the exercise's functions (g)"),
+])
+def test_assignment_problems_name_what_nbgrader_or_fairness_needs(change, words):
+    nb = _assignment()
+    change(nb)
+    assert any(words in problem for problem in assignments.problems(nb)), assignments.problems(nb)
+
+
+def test_student_notebook_blanks_a_solution_cell_without_delimiters_as_nbgrader_does():
+    nb = _assignment()
+    nb["cells"][5]["source"] = "The model answer, no delimiters."
+    nb["cells"][0]["source"] = "def f(x):\n    return 2 * x"
+    student = nbtools.student_notebook(nb)
+    assert "".join(student["cells"][5]["source"]) == "YOUR ANSWER HERE"
+    assert "".join(student["cells"][0]["source"]) == "# YOUR CODE HERE\nraise NotImplementedError()"

@@ -5,6 +5,8 @@
     continuous   checks of 03 and 07: the DSM loss, the Euler-Maruyama step, the flow loss and Euler step
     transformers checks of 04 and 05: attention, patchify, adaLN modulation, classifier-free guidance
     notebooks    clean notebooks, strip solutions, write the student versions (`minidit exercises`)
+    assignments  a notebook as an nbgrader assignment: its exercises, their graded checks, the
+                 written questions, and the metadata problems that would make grading unfair
 
 A notebook imports its checks from here: `from minidit.exercises import check_q_sample`. This
 subpackage uses minidit's concept modules only.

@@ -73,11 +73,15 @@ def dumps(nb: dict) -> str:
 
 
 def student_notebook(nb: dict, subdir: str = "") -> dict:
-    """The student version: solutions stubbed, outputs stripped, Colab links pointed into `subdir`."""
+    """The student version: solutions stubbed (a solution cell without a BEGIN/END block whole, as in
+    nbgrader), outputs stripped, Colab links pointed into `subdir`."""
     nb = clean_notebook(nb, keep_outputs=False)
     for i, cell in enumerate(nb["cells"]):
+        source = "".join(cell["source"])
+        if cell["metadata"].get("nbgrader", {}).get("solution") and BEGIN not in map(str.strip, source.splitlines()):
+            source = f"{BEGIN}\n{source}\n{END}"  # as nbgrader does: a solution cell without a block is all answer
         try:
-            source = strip_solutions("".join(cell["source"]), cell["cell_type"])
+            source = strip_solutions(source, cell["cell_type"])
         except ValueError as err:
             raise ValueError(f"cell {i}: {err}") from None
         if subdir and cell["cell_type"] == "markdown":  # .../tutorials/NB.ipynb -> .../tutorials/student/NB.ipynb
