@@ -131,7 +131,7 @@ class GaussianDiffusion:
         return alpha * x0 + sigma * eps
 
     def q_posterior_mean_variance(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean [B, ...], variance β̃_t and clipped log variance [B, 1, ...] of q(x_{t−1}|x_t, x_0)."""
+        """Mean [B, ...], variance `β̃_t` and clipped log variance [B, 1, ...] of `q(x_{t−1} | x_t, x_0)`."""
         self._check(xt, t)
         mean = extract(self.posterior_mean_coef_x0, t, xt) * x0 + extract(self.posterior_mean_coef_xt, t, xt) * xt
         return mean, extract(self.posterior_variance, t, xt), extract(self.posterior_log_variance_clipped, t, xt)

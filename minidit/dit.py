@@ -2,7 +2,7 @@
 
 The input [C, H, W] is patchified into L = (H/P)(W/P) tokens with the fixed 2-D sin-cos
 code, passed through N blocks conditioned on t_emb and y_emb, decoded per token by a final
-layer to P*P*C' numbers and unpatchified (C' = 2C when the variance is learned [IDDPM]).
+layer to `P*P*C'` numbers and unpatchified (C' = 2C when the variance is learned [IDDPM]).
 The paper compares four ways for a block to see the condition [DiT, Sec. 3.2]:
 
     in-context:       [t_emb; y_emb; tokens] form one sequence; plain ViT blocks
@@ -143,7 +143,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """(adaptive) LN, then a Linear from D to P*P*C' numbers per token."""
+    """(adaptive) LN, then a Linear from D to `P*P*C'` numbers per token."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int, adaptive: bool):
         super().__init__()
@@ -152,7 +152,7 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if adaptive else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens [B, L, D] (and c [B, D] when adaptive) -> [B, L, P*P*C']."""
+        """Tokens [B, L, D] (and c [B, D] when adaptive) -> `[B, L, P*P*C']`."""
         x = self.norm(x)
         if self.modulation is not None:
             shift, scale = self.modulation(c).chunk(2, dim=1)

@@ -10,7 +10,7 @@ sigma/alpha), so any network can be run on it (`Denoiser.on(EDMProcess())`). EDM
 are then `minidit.ode.sample_heun` on the Karras grid σ_i (`minidit.grids.karras_grid`,
 [EDM, Eq. 5]) with an Euler step to σ = 0 at the end (NFE = 2N − 1) [EDM, Alg. 1], and,
 for the stochastic sampler, a "churn" before each step that adds noise to go up from σ_i to
-σ̂ = (1 + γ) σ_i, γ = min(S_churn/N, √2 − 1) for σ_i in [S_tmin, S_tmax] [EDM, Alg. 2]:
+σ̂ = (1 + γ) σ_i, γ = min(S_churn/N, √2 − 1) for `σ_i in [S_tmin, S_tmax]` [EDM, Alg. 2]:
 
     x̂ = x + sqrt(σ̂² − σ_i²) S_noise z
 
@@ -32,7 +32,7 @@ from minidit.process import Process, as_time, noise_like, per_sample
 
 @dataclass(frozen=True)
 class EDMProcess(Process):
-    """alpha(t) = 1, sigma(t) = t: time is the noise level σ, in [0, sigma_max] [EDM, Table 1]."""
+    """alpha(t) = 1, sigma(t) = t: time is the noise level σ, in `[0, sigma_max]` [EDM, Table 1]."""
 
     sigma_max: float = 80.0
     t_eps: float = 0.002

@@ -244,7 +244,7 @@ def evaluate_samples(
     """Score generated digits with the MNIST-classifier FD and classifier accuracy.
 
     The first n samples are compared with n MNIST test images (a fixed random subset). The
-    floor is the same distance for n MNIST *train* images against that same test subset:
+    floor is the same distance for n MNIST training images against that same test subset:
     real data scores the floor, not zero, because FD estimated from n images is biased up.
     Real-image statistics are cached in memory, so repeated calls cost only the samples.
 

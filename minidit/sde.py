@@ -245,7 +245,7 @@ def make_sde(name: str, **kwargs) -> Process:
 def dsm_loss(model: Callable[..., Tensor], sde: Process, x0: Tensor, y: Tensor | None = None, *,
              prediction: str = "score", weighting: str = "variance", t_eps: float = 1e-5,
              t: Tensor | None = None, reduce: str = "mean", generator: torch.Generator | None = None) -> Tensor:
-    """Denoising score matching, t ~ U[t_eps, 1] [SDE, Eq. 7].
+    """Denoising score matching, `t ~ U[t_eps, 1]` [SDE, Eq. 7].
 
     Args:
         model: `model(x_t, t)` (or `model(x_t, t, y)`) -> [B, ...], a score (prediction="score")

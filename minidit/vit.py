@@ -42,7 +42,7 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
         x: images [B, C, H, W], H and W divisible by P.
 
     Returns:
-        Tokens [B, L, P*P*C], L = (H/P)(W/P); each token flattened as (row, column, channel).
+        Tokens `[B, L, P*P*C]`, L = (H/P)(W/P); each token flattened as (row, column, channel).
     """
     B, C, H, W = x.shape
     P = patch_size
@@ -54,7 +54,7 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def unpatchify(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of `patchify`: tokens [B, L, P*P*C] -> images [B, C, height, width]."""
+    """Inverse of `patchify`: tokens `[B, L, P*P*C]` -> images [B, C, height, width]."""
     B, L, N = tokens.shape
     P = patch_size
     h, w = height // P, width // P
@@ -71,7 +71,7 @@ class PatchEmbed(nn.Module):
 
     A Conv2d with kernel = stride = P applies one weight matrix to each patch, so the two
     kinds compute the same function when conv.weight [D, C, P, P] is the Linear weight
-    [D, P*P*C] with its columns reordered to (row, column, channel).
+    `[D, P*P*C]` with its columns reordered to (row, column, channel).
     """
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, kind: str = "linear"):

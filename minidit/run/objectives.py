@@ -194,7 +194,7 @@ class DDPMObjective(DiffusionObjective):
         sampler, sample_steps, eta: the default sampler ("ddim" with η, "ddpm", or any other name).
         cfg_scale, null_label: classifier-free guidance when sampling (null_label is the "no
             label" class; the training loop sets it to the number of classes).
-        clip_x0: the "ddpm" and "ddim" samplers clip x̂0 to the data range [-1, 1] [DDPM]; off
+        clip_x0: the "ddpm" and "ddim" samplers clip x̂0 to the data range `[-1, 1]` [DDPM]; off
             for latents, which have no such range (a latent objective turns it off).
     """
 
