@@ -15,6 +15,14 @@ The label table has a null row (label num_classes) that training reaches by labe
 so one network predicts both eps(x_t, y) and eps(x_t, null), as classifier-free guidance
 needs [CFG, Eq. 6] (`minidit.guidance.guided`).
 
+Two more variants read a caption instead of a label (`minidit.text_blocks`): y is then the token
+ids [B, L] of `minidit.text.Tokenizer`, read by the DiT's own text encoder, and the null caption
+(every token <null>) plays the null label:
+
+    text-cross-attention:  adaLN-Zero on t_emb, cross-attention to the text tokens [PixArt-α]
+    mmdit:                 text and image streams with their own weights, one joint attention,
+                           adaLN-Zero on t_emb + MLP(pooled text) [SD3]
+
 References: [DiT] Peebles, Xie 2023; [IDDPM] Nichol, Dhariwal 2021; [CFG] Ho, Salimans 2022.
 """
 
@@ -27,9 +35,13 @@ import torch.nn as nn
 
 from minidit.attention import BACKENDS, Attention, CrossAttention
 from minidit.embeddings import LabelEmbedder, TimestepEmbedder, check_conditioned_inputs
+from minidit.guidance import drop_labels
+from minidit.text import NULL, TextEncoder
+from minidit.text_blocks import MMDiTBlock, TextCrossAttentionBlock
 from minidit.vit import Block, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
 
-CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context")
+TEXT_CONDITIONINGS = ("text-cross-attention", "mmdit")
+CONDITIONINGS = ("adaln-zero", "adaln", "cross-attention", "in-context", *TEXT_CONDITIONINGS)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class DiTConfig:
     conditioning: str = "adaln-zero"
     attention_backend: str = "sdpa"
     frequency_size: int = 256
+    text_vocab: int = 0  # token ids of the captions (the text conditionings): minidit.text.Tokenizer.vocab_size
+    text_length: int = 8  # L, tokens per caption
+    text_depth: int = 2  # blocks of the text encoder
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -65,6 +80,15 @@ class DiTConfig:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.num_classes < 0 or not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError("num_classes must be >= 0 and class_dropout_prob in [0, 1)")
+        if self.reads_text and (self.text_vocab <= NULL or self.num_classes != 0):
+            raise ValueError(f"conditioning {self.conditioning!r} reads captions: it needs text_vocab (the "
+                             f"tokenizer's vocab_size, > {NULL}) and num_classes=0, got text_vocab="
+                             f"{self.text_vocab}, num_classes={self.num_classes}")
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether y is a caption's token ids [B, L] (the text conditionings) rather than a label [B]."""
+        return self.conditioning in TEXT_CONDITIONINGS
 
     @property
     def out_channels(self) -> int:
@@ -177,8 +201,14 @@ class DiT(nn.Module):
         self.y_embedder = (
             LabelEmbedder(c.num_classes, D, c.class_dropout_prob) if c.num_classes > 0 else None
         )
+        self.text_encoder = self.pooled_embedder = None
+        if c.reads_text:  # the caption's encoder, and (MMDiT) the pooled text's share of the condition
+            self.text_encoder = TextEncoder(c.text_vocab, c.text_length, D, c.text_depth, c.num_heads,
+                                            c.mlp_ratio, c.attention_backend)
+            if c.conditioning == "mmdit":
+                self.pooled_embedder = Mlp(D, D)
         self.blocks = nn.ModuleList(self._make_block() for _ in range(c.depth))
-        adaptive = c.conditioning in ("adaln-zero", "adaln")
+        adaptive = c.conditioning in ("adaln-zero", "adaln", *TEXT_CONDITIONINGS)
         self.final_layer = FinalLayer(D, c.patch_size, c.out_channels, adaptive)
         self._init_weights()
 
@@ -189,6 +219,10 @@ class DiT(nn.Module):
             return AdaLNBlock(*args, zero=c.conditioning == "adaln-zero", backend=c.attention_backend)
         if c.conditioning == "cross-attention":
             return CrossAttentionBlock(*args, backend=c.attention_backend)
+        if c.conditioning == "text-cross-attention":
+            return TextCrossAttentionBlock(*args, backend=c.attention_backend)
+        if c.conditioning == "mmdit":
+            return MMDiTBlock(*args, backend=c.attention_backend)
         return Block(*args, backend=c.attention_backend)  # in-context: a plain ViT block
 
     def _init_weights(self):
@@ -204,6 +238,8 @@ class DiT(nn.Module):
         # 3. adaptive norms start as plain LN (gamma = beta = 0) and, for adaLN-Zero, the gates
         #    alpha = 0 make each block the identity; the output layer starts at zero
         for m in self.modules():
+            if isinstance(m, (TextCrossAttentionBlock, MMDiTBlock)):
+                m.zero_init()
             if isinstance(m, (AdaLNBlock, FinalLayer)) and m.modulation is not None:
                 nn.init.zeros_(m.modulation[-1].weight)
                 nn.init.zeros_(m.modulation[-1].bias)
@@ -214,6 +250,14 @@ class DiT(nn.Module):
         """Raise ValueError on a bad input (`minidit.embeddings.check_conditioned_inputs`); return t
         as a float [B] and y [B]."""
         c = self.config
+        if c.reads_text:  # y: token ids [B, L]; None: the null caption
+            t, _ = check_conditioned_inputs(x, t, None, None, in_channels=c.in_channels, input_size=c.input_size,
+                                            num_classes=0, name="DiT")
+            y = torch.full((x.shape[0], c.text_length), NULL, dtype=torch.long, device=x.device) if y is None else y
+            self.text_encoder.check_ids(y)
+            if force_drop_ids is not None and force_drop_ids.shape != (x.shape[0],):
+                raise ValueError(f"force_drop_ids must have shape [{x.shape[0]}], got {list(force_drop_ids.shape)}")
+            return t, y
         return check_conditioned_inputs(x, t, y, force_drop_ids, in_channels=c.in_channels,
                                         input_size=c.input_size, num_classes=c.num_classes, name="DiT")
 
@@ -244,6 +288,8 @@ class DiT(nn.Module):
     def _forward(self, x, t, y, force_drop_ids) -> torch.Tensor:
         c = self.config
         h = self.patch_embed(x) + self.pos_embed  # [B, L, D]
+        if c.reads_text:
+            return self._forward_text(h, t, y, force_drop_ids)
         cond = [self.t_embedder(t)]  # t_emb [B, D]
         if self.y_embedder is not None:
             cond.append(self.y_embedder(y, self.training, force_drop_ids))  # y_emb [B, D]
@@ -263,6 +309,45 @@ class DiT(nn.Module):
                 h = block(h)
             h = self.final_layer(h[:, len(cond):])  # [B, L, P*P*C']
         return unpatchify(h, c.patch_size, c.input_size, c.input_size)  # [B, C', H, W]
+
+
+    def _forward_text(self, h: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
+                      force_drop_ids: torch.Tensor | None, return_weights: bool = False):
+        """The text conditionings: patch tokens h [B, N, D], t [B], caption ids [B, L] -> [B, C', H, W]
+        (and each block's attention weights, with `return_weights`: see `text_attention`)."""
+        c = self.config
+        if (self.training and c.class_dropout_prob > 0) or force_drop_ids is not None:  # caption dropout [CFG]
+            ids = drop_labels(ids, c.class_dropout_prob, NULL, force=force_drop_ids)
+        text, pooled, mask = self.text_encoder(ids)  # [B, L, D], [B, D], [B, L]
+        s = self.t_embedder(t)  # PixArt-α: the modulation sees t only
+        if self.pooled_embedder is not None:  # SD3: t_emb + MLP(pooled text)
+            s = s + self.pooled_embedder(pooled)
+        maps = []
+        for block in self.blocks:
+            if c.conditioning == "mmdit":
+                out = block(h, text, s, mask, return_weights=return_weights)
+                h, text = out[:2]
+            else:
+                out = block(h, s, text, mask, return_weights=return_weights)
+                h = out[0] if return_weights else out
+            if return_weights:
+                maps.append(out[-1])
+        out = unpatchify(self.final_layer(h, s), c.patch_size, c.input_size, c.input_size)
+        return (out, maps) if return_weights else out
+
+    @torch.no_grad()
+    def text_attention(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        """How much each image token attends to each word, per block: a list of depth tensors
+        [B, H, N, L] (cross-attention weights; for MMDiT the image-query, text-key part of the joint
+        attention, which need not sum to one over the words)."""
+        c = self.config
+        if not c.reads_text:
+            raise ValueError(f"text_attention needs a text conditioning, not {c.conditioning!r}")
+        t, ids = self._check_inputs(x, t, ids, None)
+        h = self.patch_embed(x) + self.pos_embed
+        _, maps = self._forward_text(h, t, ids, None, return_weights=True)
+        L = c.text_length
+        return [m[:, :, L:, :L] if c.conditioning == "mmdit" else m for m in maps]
 
 
 def make_dit(name: str, **overrides) -> DiT:

@@ -23,7 +23,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from minidit.attention import Attention, CrossAttention
-from minidit.dit import DIT_CONFIGS, DiT, DiTConfig
+from minidit.captions import caption_tokenizer
+from minidit.dit import DIT_CONFIGS, TEXT_CONDITIONINGS, DiT, DiTConfig
+from minidit.text import NULL
+from minidit.text_blocks import MMDiTBlock
 from minidit.unet import UNET_CONFIGS, UNet, UNetConfig
 from minidit.vit import VIT_CONFIGS, ViT, ViTConfig
 
@@ -48,7 +51,7 @@ def count_macs(model: nn.Module, *inputs, **kwargs) -> int:
     minidit's attention layers are switched to their explicit path while counting, because
     the fused CPU kernel of `F.scaled_dot_product_attention` is invisible to the counter.
     """
-    layers = [m for m in model.modules() if isinstance(m, (Attention, CrossAttention))]
+    layers = [m for m in model.modules() if isinstance(m, (Attention, CrossAttention, MMDiTBlock))]
     backends = [m.backend for m in layers]
     try:
         for m in layers:
@@ -72,6 +75,8 @@ def profile(config: DiTConfig | UNetConfig | ViTConfig, batch_size: int = 1) -> 
             x = torch.empty(batch_size, config.in_channels, config.input_size, config.input_size)
             t = torch.zeros(batch_size)
             y = torch.zeros(batch_size, dtype=torch.long) if config.num_classes else None
+            if getattr(config, "reads_text", False):  # a caption's token ids [B, L] (the null caption)
+                y = torch.full((batch_size, config.text_length), NULL, dtype=torch.long)
             inputs = (x, t, y)
         elif isinstance(config, ViTConfig):
             model = ViT(config).eval()
@@ -86,6 +91,10 @@ def profile_named(name: str, batch_size: int = 1, **overrides) -> tuple[int, int
     presets = {**DIT_CONFIGS, **UNET_CONFIGS, **VIT_CONFIGS}
     if name not in presets:
         raise ValueError(f"unknown config {name!r}; valid names: {list(presets)}")
+    if overrides.get("conditioning") in TEXT_CONDITIONINGS and "text_vocab" not in overrides:
+        # a text variant of a label DiT: it reads the MNIST captions (minidit.captions) instead of labels
+        tok = caption_tokenizer()
+        overrides = {"num_classes": 0, "text_vocab": tok.vocab_size, "text_length": tok.length, **overrides}
     return profile(replace(presets[name], **overrides), batch_size)
 
 

@@ -106,9 +106,11 @@ def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: 
 
     Args:
         den: a denoiser whose network takes labels, `network(x, τ, y)`.
-        y: labels [B] (checked once here), or None for an unconditional model.
+        y: labels [B] or caption token ids [B, L] (checked once here), or None for an
+            unconditional model.
         cfg_scale: s; 1 is the plain conditional model (one call of batch B per step).
-        null_label: the "no label" id; needed when cfg_scale != 1.
+        null_label: the "no label" id (for captions: the <null> token, `minidit.text.NULL`);
+            needed when cfg_scale != 1.
         interval: (σ_lo, σ_hi): guide only where σ = sigma(t)/alpha(t) lies in (σ_lo, σ_hi]
             [Interval]; None guides at every step.
 
@@ -117,8 +119,9 @@ def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: 
     """
     if y is None and cfg_scale != 1.0:
         raise ValueError(f"cfg_scale={cfg_scale} needs class labels y (and null_label)")
-    if y is not None and (not isinstance(y, Tensor) or y.ndim != 1 or y.dtype.is_floating_point):
-        raise ValueError(f"y must be an integer tensor of shape [B], got {getattr(y, 'shape', y)!r}")
+    if y is not None and (not isinstance(y, Tensor) or y.ndim not in (1, 2) or y.dtype.is_floating_point):
+        raise ValueError(f"y must be an integer tensor of labels [B] or caption token ids [B, L], got "
+                         f"{getattr(y, 'shape', y)!r}")
     if cfg_scale != 1.0 and null_label is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs null_label, the id of the 'no label' class")
     if interval is not None:
@@ -132,12 +135,14 @@ def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: 
 
 def drop_labels(y: Tensor, p: float, null_label: int, generator: torch.Generator | None = None,
                 force: Tensor | None = None) -> Tensor:
-    """Replace each label by `null_label` with probability p (or where `force` is true): the
-    label dropout that trains classifier-free guidance [CFG, Sec. 3.2]."""
+    """Replace each label by `null_label` with probability p (or where `force` [B] is true): the
+    label dropout that trains classifier-free guidance [CFG, Sec. 3.2]. y is [B] labels, or [B, L]
+    token ids of captions, where a dropped caption becomes L null tokens (the null caption)."""
     if force is None:
         noise_device = generator.device if generator is not None else y.device
-        force = torch.rand(y.shape, generator=generator, device=noise_device).to(y.device) < p
-    return torch.where(force.to(device=y.device, dtype=torch.bool), torch.full_like(y, null_label), y)
+        force = torch.rand(y.shape[:1], generator=generator, device=noise_device).to(y.device) < p
+    force = force.to(device=y.device, dtype=torch.bool).reshape(-1, *([1] * (y.ndim - 1)))  # [B, 1, ...]
+    return torch.where(force, torch.full_like(y, null_label), y)
 
 
 class Inpainting:

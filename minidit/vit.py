@@ -126,12 +126,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """Tokens [B, L, D] -> [B, L, D]; with `return_attention` also the weights [B, H, L, L]."""
+    def forward(self, x: torch.Tensor, return_attention: bool = False, mask: torch.Tensor | None = None):
+        """Tokens [B, L, D] -> [B, L, D]; with `return_attention` also the weights [B, H, L, L].
+        `mask` (bool [B, L], False = padding) hides padded tokens from every query."""
         if return_attention:  # the weights come from the explicit softmax(QK^T/sqrt(d)) path
-            h, weights = self.attn(self.norm1(x), return_weights=True)
+            h, weights = self.attn(self.norm1(x), return_weights=True, mask=mask)
         else:
-            h, weights = self.attn(self.norm1(x)), None
+            h, weights = self.attn(self.norm1(x), mask=mask), None
         x = x + h
         x = x + self.mlp(self.norm2(x))
         return (x, weights) if return_attention else x

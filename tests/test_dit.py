@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minidit.dit import CONDITIONINGS, DIT_CONFIGS, AdaLNBlock, DiT, DiTConfig, make_dit
+from minidit.dit import CONDITIONINGS, DIT_CONFIGS, TEXT_CONDITIONINGS, AdaLNBlock, DiT, DiTConfig, make_dit
 from minidit.denoiser import Denoiser
 from minidit.embeddings import LabelEmbedder, timestep_frequencies
 from minidit.guidance import guided
@@ -58,10 +58,15 @@ def test_adaln_zero_blocks_are_identity_and_output_is_zero_at_init():
 def test_each_conditioning_trains_and_respects_labels(conditioning):
     # target: +1 everywhere for label 0, 0 for label 1, -1 for label 2; x and t are fresh
     # noise at every step, so the label is the only thing the target can be learned from
+    # (a text conditioning reads label k as the one-word caption [3 + k, <pad>, <pad>])
     torch.manual_seed(0)
-    model = tiny(conditioning=conditioning, class_dropout_prob=0.0)
-    y = torch.arange(24) % 3
-    target = (1.0 - y.float())[:, None, None, None].expand(24, 2, 8, 8)
+    text = conditioning in TEXT_CONDITIONINGS
+    extra = {"num_classes": 0, "text_vocab": 6, "text_length": 3} if text else {}
+    model = tiny(conditioning=conditioning, class_dropout_prob=0.0, **extra)
+    as_input = (lambda k: torch.stack([k + 3, 0 * k, 0 * k], dim=1)) if text else (lambda k: k)  # noqa: E731
+    labels = torch.arange(24) % 3
+    y = as_input(labels)
+    target = (1.0 - labels.float())[:, None, None, None].expand(24, 2, 8, 8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
@@ -75,7 +80,7 @@ def test_each_conditioning_trains_and_respects_labels(conditioning):
     model.eval()
     x, t = torch.randn(24, 2, 8, 8), torch.randint(0, 1000, (24,)).float()
     with torch.no_grad():
-        out = [model(x, t, torch.full((24,), k)).mean().item() for k in range(3)]
+        out = [model(x, t, as_input(torch.full((24,), k))).mean().item() for k in range(3)]
     assert out[0] - out[1] > 0.5 and out[1] - out[2] > 0.5  # the targets step by 1
 
 

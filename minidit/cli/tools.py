@@ -21,7 +21,8 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--all", action="store_true", help="the 12 DiT configs vs the paper's Table 4")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--conditioning", default=None,
-                        help="override a DiT's conditioning: adaln-zero, adaln, cross-attention, in-context")
+                        help="override a DiT's conditioning: adaln-zero, adaln, cross-attention, in-context, or a text "
+                        "variant reading the MNIST captions: text-cross-attention, mmdit")
     parser.set_defaults(func=run_flops)
     return parser
 
