@@ -17,7 +17,7 @@ needs [CFG, Eq. 6] (`minidit.guidance.guided`).
 
 Two more variants read a caption instead of a label (`minidit.text_blocks`): y is then the token
 ids [B, L] of `minidit.text.Tokenizer`, read by the DiT's own text encoder, and the null caption
-(every token <null>) plays the null label:
+(every token `<null>`) plays the null label:
 
     text-cross-attention:  adaLN-Zero on t_emb, cross-attention to the text tokens [PixArt-α]
     mmdit:                 text and image streams with their own weights, one joint attention,

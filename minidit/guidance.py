@@ -109,7 +109,7 @@ def guided(den: Denoiser, y: Tensor | None, cfg_scale: float = 1.0, null_label: 
         y: labels [B] or caption token ids [B, L] (checked once here), or None for an
             unconditional model.
         cfg_scale: s; 1 is the plain conditional model (one call of batch B per step).
-        null_label: the "no label" id (for captions: the <null> token, `minidit.text.NULL`);
+        null_label: the "no label" id (for captions: the `<null>` token, `minidit.text.NULL`);
             needed when cfg_scale != 1.
         interval: (σ_lo, σ_hi): guide only where σ = sigma(t)/alpha(t) lies in (σ_lo, σ_hi]
             [Interval]; None guides at every step.

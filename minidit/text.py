@@ -1,15 +1,15 @@
 """A small text encoder written out: a word-level tokenizer and a pre-norm transformer over its tokens.
 
 The encoder side of the transformer, for captions a DiT reads [Transformer, Sec. 3.1]. A caption
-becomes L token ids (words of a fixed vocabulary; unknown words map to <unk>; short captions are
-padded with <pad>), each id an embedding, plus a learned embedding of its position; pre-norm blocks
+becomes L token ids (words of a fixed vocabulary; unknown words map to `<unk>`; short captions are
+padded with `<pad>`), each id an embedding, plus a learned embedding of its position; pre-norm blocks
 (`minidit.vit.Block`, the ViT's own) mix the tokens, with padding hidden from every query by a key
 mask, and a final LayerNorm gives the text tokens c_1..c_L that a DiT reads by cross-attention or
 joint attention. Their mean over the real tokens is the pooled text vector:
 
     e_i = E_tok[w_i] + E_pos[i],   c = LN(Blocks(e; mask)) [B, L, D],   c̄ = Σ_i m_i c_i / Σ_i m_i [B, D]
 
-Classifier-free guidance needs a "no text" input: the null caption, L copies of the <null> token
+Classifier-free guidance needs a "no text" input: the null caption, L copies of the `<null>` token
 (`Tokenizer.null_ids`), which label dropout puts in place of a caption during training.
 
 References: [Transformer] Vaswani et al. 2017; [CFG] Ho, Salimans 2022.
@@ -34,7 +34,7 @@ def words(text: str) -> list[str]:
 
 
 class Tokenizer:
-    """Word-level tokenizer over a fixed vocabulary: ids 0, 1, 2 are <pad>, <unk>, <null>.
+    """Word-level tokenizer over a fixed vocabulary: ids 0, 1, 2 are `<pad>`, `<unk>`, `<null>`.
 
     Args:
         vocabulary: the words, in id order from 3 (e.g. `Tokenizer.fit(captions).vocabulary`).
@@ -62,7 +62,7 @@ class Tokenizer:
     def encode(self, captions: list[str] | str) -> tuple[Tensor, Tensor]:
         """Captions -> (ids [B, L] int64, mask [B, L] bool, True on real tokens).
 
-        Unknown words become <unk>; captions longer than L are cut (the encoder never sees more);
+        Unknown words become `<unk>`; captions longer than L are cut (the encoder never sees more);
         an empty caption is the null caption (`null_ids`), so it still has a token to attend to.
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
@@ -76,11 +76,11 @@ class Tokenizer:
         return ids, ids != PAD
 
     def null_ids(self, batch: int) -> Tensor:
-        """The null caption, [batch, L]: <null> in every position (what CFG's unconditional branch reads)."""
+        """The null caption, [batch, L]: `<null>` in every position (what CFG's unconditional branch reads)."""
         return torch.full((batch, self.length), NULL, dtype=torch.long)
 
     def decode(self, ids: Tensor) -> list[str]:
-        """ids [B, L] -> the captions as words (padding dropped; <unk>, <null> written out)."""
+        """ids [B, L] -> the captions as words (padding dropped; `<unk>`, `<null>` written out)."""
         names = {**{i: w for i, w in enumerate(SPECIALS)}, **{i: w for w, i in self.index.items()}}
         return [" ".join(names[int(i)] for i in row if int(i) != PAD) for row in ids]
 
