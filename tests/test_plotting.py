@@ -43,6 +43,23 @@ def test_bad_image_shapes(shape):
         plotting.make_grid(torch.zeros(shape))
 
 
+def test_animation_shows_each_frame_as_its_grid():
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(4, 1, 5, 5, generator=g) * 2 - 1 for _ in range(3)]  # 3 frames of 4 images
+    anim = plotting.animate_images(frames, titles=["t = 2", "t = 1", "t = 0"], nrow=2, dpi=40)
+    image = anim._fig.axes[0].images[0]
+    for k in (2, 0, 1):  # any order: each frame draws its own grid and title
+        anim._func(k)
+        assert np.array_equal(image.get_array(), plotting.make_grid(frames[k], nrow=2))
+        assert anim._fig.axes[0].get_title() == f"t = {2 - k}"
+    for frame_format in ("png", "jpeg"):  # every frame embedded once, in the format asked for
+        assert plotting.animation_html(anim, frame_format).count(f"data:image/{frame_format};base64") == 3
+    with pytest.raises(ValueError, match="one title per frame"):
+        plotting.animate_images(frames, titles=["only one"])
+    with pytest.raises(ValueError, match="at least one"):
+        plotting.animate_images([])
+
+
 def test_log_helpers(tmp_path):
     log = tmp_path / "log.jsonl"
     for step in (1, 2, 3):
