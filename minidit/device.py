@@ -2,7 +2,8 @@
 
 `get_device` picks the fastest available backend (CUDA, then Apple's MPS, then the
 CPU), overridable by argument or by the ``MINIDIT_DEVICE`` environment variable.
-`seed_everything` seeds every random number generator a run touches.
+`autocast_dtype` says which mixed precision a device runs in hardware (and whether it
+needs a gradient scaler). `seed_everything` seeds every random number generator a run touches.
 """
 
 from __future__ import annotations
@@ -42,6 +43,35 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+AMPERE = (8, 0)  # the first CUDA compute capability with bf16 tensor cores (A100; H100 is 9.0)
+
+
+def autocast_dtype(device: str | torch.device) -> tuple[torch.dtype | None, bool]:
+    """The low-precision dtype that `device` runs natively, and whether it needs a gradient scaler.
+
+        CUDA, compute capability >= 8.0 (Ampere, Ada, Hopper: A100, L4, H100)  ->  (bfloat16, False)
+        CUDA, compute capability <  8.0 (Volta, Turing: V100, T4)               ->  (float16, True)
+        CPU, MPS, anything else                                                 ->  (None, False): float32
+
+    bf16 keeps float32's 8 exponent bits, so gradients do not underflow and need no scaling.
+    fp16 has 5 exponent bits: gradients below 2^-24 flush to zero, so the loss is multiplied by a
+    scale S before the backward pass and the gradients divided by S before the update
+    (`torch.amp.GradScaler`, which also lowers S whenever a gradient overflows).
+
+    Capability is the test, not `torch.cuda.is_bf16_supported()`: that counts emulation, and on a
+    T4 it says True for a bf16 that runs slower than float32.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, False
+    return dtype_for_capability(torch.cuda.get_device_capability(device))
+
+
+def dtype_for_capability(capability: tuple[int, int]) -> tuple[torch.dtype, bool]:
+    """`autocast_dtype` of a CUDA GPU of this compute capability (major, minor), e.g. (7, 5) for a T4."""
+    return (torch.bfloat16, False) if tuple(capability) >= AMPERE else (torch.float16, True)
 
 
 def _mps_available() -> bool:

@@ -1,4 +1,4 @@
-"""The training engine: AdamW, warm-up + cosine learning rate, EMA, bf16, checkpoints, resume, DDP.
+"""The training engine: AdamW, warm-up + cosine learning rate, EMA, bf16/fp16, checkpoints, resume, DDP.
 
 One optimiser step k on a global batch of `batch_size` examples, split over W processes and
 A accumulation micro-steps of batch_size / (W·A) examples each (`train_step`):
@@ -15,6 +15,11 @@ The per-example loss ℓ_b and its time t_b ∈ [0, 1] come from an objective
 `torchrun --nproc_per_node=N` for DistributedDataParallel (NCCL on GPU, gloo on CPU): each rank
 reads its shard of every epoch, rank 0 logs and saves. A checkpoint holds every state needed
 to continue bit-exactly; nothing in the loop waits for the device except at log time.
+
+Precision ("auto"): bf16 autocast where the GPU has bf16 in hardware (compute capability >= 8.0),
+fp16 autocast with a gradient scaler S on older GPUs (the loss is scaled by S before backward,
+the gradients unscaled before clipping; a step whose gradients overflow is skipped by the scaler,
+which then halves S), float32 on the CPU and MPS (`minidit.device.autocast_dtype`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minidit import data, plotting
-from minidit.device import get_device, seed_everything
+from minidit.device import autocast_dtype, get_device, seed_everything
 from minidit.ema import EMA
 from minidit.run import checkpoint as ckpt
 from minidit.run.budget import Budget
@@ -45,11 +50,25 @@ from minidit.run.latent import with_autoencoder_facts
 from minidit.run.runfolder import RunFolder
 
 
+def precision_for(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, or None for float32; whether a gradient scaler is needed) of `config.precision`
+    on `device`: "fp32" and "bf16" as named, "auto" by the hardware (`minidit.device.autocast_dtype`)."""
+    if config.precision == "fp32":
+        return None, False
+    if config.precision == "bf16":
+        return torch.bfloat16, False
+    return autocast_dtype(device)
+
+
 def autocast_for(config: TrainConfig, device: torch.device):
     """The autocast context of `config.precision` on `device` (a no-op context for fp32)."""
-    bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    dtype, _ = precision_for(config, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler_for(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler where `config.precision` on `device` means fp16, else None."""
+    return torch.amp.GradScaler(device.type) if precision_for(config, device)[1] else None
 
 
 @dataclass
@@ -70,6 +89,7 @@ class Run:
     step: int = 0
     elapsed: float = 0.0  # training seconds so far (earlier runs included)
     lr: float = 0.0  # the learning rate of the last step
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: the loss scale S
 
 
 def train_step(run: Run, autocast, guard: Guard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +99,8 @@ def train_step(run: Run, autocast, guard: Guard) -> tuple[torch.Tensor, torch.Te
     Returns:
         Every micro-batch's per-example loss [A·b] and time [A·b] (detached), and ‖g‖ before clipping.
     """
-    config, A = run.config, run.config.grad_accum
+    config, A, scaler = run.config, run.config.grad_accum, run.scaler
+    scale = (lambda loss: loss) if scaler is None else scaler.scale  # fp16: S * loss
     run.opt.zero_grad(set_to_none=True)
     losses, times = [], []
     for a in range(A):
@@ -88,17 +109,26 @@ def train_step(run: Run, autocast, guard: Guard) -> tuple[torch.Tensor, torch.Te
         with nullcontext() if run.world == 1 or a == A - 1 else run.net.no_sync():
             with autocast:
                 loss_b, t = run.objective.loss(run.net, x0, y, run.generator)  # [b], [b]
-            (loss_b.float().mean() / A).backward()
+            scale(loss_b.float().mean() / A).backward()
         losses.append(loss_b.detach().float())
         times.append(t.detach().float())
+    if scaler is not None:
+        scaler.unscale_(run.opt)  # g / S: clipping and the logged norm see the true gradient
     loss_b, grad_norm = torch.cat(losses), nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf)
     run.lr = config.lr * run.budget.lr_factor(run.step, run.elapsed)
-    if guard.keep(run, grad_norm, loss_b.mean()):  # the one read of the device per step
+    # an fp16 overflow (a non-finite norm) is the scaler's to skip, not a bad step for the guard
+    checked = grad_norm if scaler is None else torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+    if guard.keep(run, checked, loss_b.mean()):  # the one read of the device per step
         for group in run.opt.param_groups:
             group["lr"] = run.lr
-        run.opt.step()
+        if scaler is None:
+            run.opt.step()
+        else:
+            scaler.step(run.opt)  # skipped when the gradients overflowed
         run.ema.decay = run.budget.ema(run.step, run.elapsed)
         run.ema.update(run.model)
+    if scaler is not None:
+        scaler.update()  # S halves after an overflow, doubles after a run of good steps
     run.step += 1
     return loss_b, torch.cat(times), grad_norm
 
@@ -162,16 +192,19 @@ def _start(config: TrainConfig, resume: bool, objective, rank: int, world: int, 
     seed_everything(config.seed + 10_007 * rank)
     generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
     step, micro_step, elapsed = 0, 0, 0.0
+    scaler = grad_scaler_for(config, device)
     latest = Path(config.out_dir) / "latest.pt"
     if resume and latest.is_file():
-        step, micro_step, elapsed = ckpt.restore_run(ckpt.read_checkpoint(latest), config.to_dict(),
-                                                     rank, world, model, ema, opt, generator)
+        state = ckpt.read_checkpoint(latest)
+        step, micro_step, elapsed = ckpt.restore_run(state, config.to_dict(), rank, world, model, ema, opt, generator)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
     elif resume and rank == 0:
         print(f"minidit.train: no checkpoint at {latest}; starting a new run")
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     return Run(config, model, torch.compile(net) if config.compile else net, ema, opt, Budget.of(config), objective,
-               loader.stream(micro_step), generator, rank, world, step, elapsed)
+               loader.stream(micro_step), generator, rank, world, step, elapsed, scaler=scaler)
 
 
 def _loop(run: Run, device: torch.device, sample_fn, progress: bool, guard: Guard) -> dict:
@@ -292,6 +325,8 @@ def _sample_grid(run: Run, sample_fn, device: torch.device, out: Path, log_path:
 def _save(run: Run, latest: Path, log_path: Path) -> str:
     state = ckpt.run_state(run.step, run.config.to_dict(), run.model, run.ema, run.opt, run.generator,
                            run.step * run.config.grad_accum, run.elapsed, run.world)
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()  # the loss scale, for an exact resume
     path = str(ckpt.save_run(state, latest, run.rank, run.world, run.config.keep_checkpoints))
     if run.rank == 0:
         plotting.append_log(log_path, {"event": "checkpoint", "step": run.step, "path": str(latest)})
