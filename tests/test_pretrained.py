@@ -15,7 +15,7 @@ from minidit.run.generate import class_labels, sample_model
 from minidit.run.pretrained import describe, load, names
 from minidit.toy_models import TinyMLP
 
-SHIPPED = ["mnist-ae", "mnist-dit"]  # what the package must hold
+SHIPPED = ["mnist-ae", "mnist-ddpm", "mnist-dit"]  # what the package must hold
 
 
 def test_write_then_read_round_trips_and_checks_the_checksum(tmp_path):

@@ -226,7 +226,7 @@ class LatentObjective:
 
         def run(shape, y, generator):
             drawn = bound((shape[0], *self.load().latent_shape), y, generator)  # latents [B, c, h, w]
-            return Drawn(self.decode(drawn.x), drawn.nfe)  # images [B, C, H, W]
+            return Drawn(self.decode(drawn.x).clamp(-1, 1), drawn.nfe)  # images [B, C, H, W], in the data range
 
         return dataclasses.replace(bound, run=run)
 
