@@ -168,3 +168,29 @@ def parse_caption(text: str) -> tuple[int | None, int | None, int | None]:
     thick = next((i for i, w in enumerate(THICKNESS) if w in text.replace(",", " ").split()), None)
     sl = next((i for i, w in enumerate(SLANT) if w in text), None)
     return digit, thick, sl
+
+
+def encode_dataset(images: Tensor, labels: Tensor, held_out: tuple[tuple[int, int, int], ...] = HELD_OUT
+                   ) -> tuple[Tensor, Tensor, AttributeBins]:
+    """A labelled image set as text-conditioning data: (token ids [N, L], keep [N] bool, bins).
+
+    The bins are the terciles of these images (`AttributeBins.fit`); `keep` drops the held-out
+    (digit, thickness, slant) combinations; ids are `caption_tokenizer()`'s encoding of
+    `caption_dataset`'s captions.
+    """
+    bins = AttributeBins.fit(images)
+    texts, keep = caption_dataset(images, labels, bins, held_out)
+    ids, _ = caption_tokenizer().encode(texts)
+    return ids, keep, bins
+
+
+def prompt_grid(n: int, held_out: bool = False) -> tuple[list[str], Tensor]:
+    """n full prompts that cycle through digits, then thickness, then slant: (captions, [n, 3] of
+    (digit, thickness class, slant class)). With `held_out`, cycle through `HELD_OUT` instead."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if held_out:
+        combos = [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]
+    else:
+        combos = [(i % 10, (i // 10) % 3, (i // 30) % 3) for i in range(n)]
+    return [caption(*c) for c in combos], torch.tensor(combos, dtype=torch.long)

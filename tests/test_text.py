@@ -9,10 +9,15 @@ import torch
 
 from minidit import captions as C
 from minidit.attention import Attention, CrossAttention, explicit_attention
+from minidit.captions import HELD_OUT, caption_tokenizer, parse_caption
+from minidit.cli import config_from_preset
 from minidit.dit import AdaLNBlock, make_dit
 from minidit.guidance import drop_labels, guided
 from minidit.denoiser import Denoiser
 from minidit.flow import FlowProcess
+from minidit.run.build import load_checkpoint, make_model, make_objective, training_data
+from minidit.run.engine import train
+from minidit.run.generate import evaluate_model, sample_model
 from minidit.text import NULL, PAD, UNK, TextEncoder, Tokenizer
 from minidit.text_blocks import MMDiTBlock, TextCrossAttentionBlock
 
@@ -245,3 +250,37 @@ def test_caption_dropout_drops_whole_captions_and_guidance_uses_the_null_caption
     out = guided(den, y, s, NULL).network_output(x, t)
     torch.testing.assert_close(out, uncond + s * (cond - uncond), atol=1e-5, rtol=1e-5)
     assert math.isfinite(float(out.abs().max()))
+
+
+# --------------------------------------------------------------------------- training on captions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cond", ["text-cross-attention", "mmdit"])
+def test_a_caption_model_trains_samples_from_prompts_and_scores_its_attributes(cond, mnist_root, tmp_path):
+
+    config = config_from_preset("mnist-flow-cpu", [
+        "captions=true", f'model_overrides={{"conditioning": "{cond}", "depth": 2, "hidden_size": 64}}',
+        "dataset_size=600", "steps=3", "batch_size=16", "sample_every=0", "checkpoint_every=0", "log_every=1",
+        f"out_dir={tmp_path / 'run'}", f"data_root={mnist_root}", "device=cpu", "n_samples=4"])
+    images, ids = training_data(config)
+    assert ids.shape == (len(images), caption_tokenizer().length)
+    names = [parse_caption(t) for t in caption_tokenizer().decode(ids)]
+    assert all(d is not None for d, _, _ in names)  # every caption names its digit
+    assert make_objective(config).null_label == NULL
+    train(config, progress=False)
+    _, ema, objective, loaded = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert loaded.captions and ema.config.conditioning == cond
+    drawn = sample_model(ema, objective, loaded, 3, prompts=["a thick seven"], steps=2)
+    assert drawn["images"].shape == (3, 1, 28, 28) and drawn["labels"].shape == (3, caption_tokenizer().length)
+    with pytest.raises(ValueError, match="prompts, not labels"):
+        sample_model(ema, objective, loaded, 3, labels=[1], steps=2)
+    scores = evaluate_model(ema, objective, loaded, len(HELD_OUT), held_out=True, steps=2)
+    for key in ("accuracy", "thickness_accuracy", "slant_accuracy"):
+        assert 0.0 <= scores[key] <= 1.0
+    assert scores["held_out"] is True
+
+
+def test_captions_need_a_text_reading_dit():
+    with pytest.raises(ValueError, match="captions=true needs"):
+        make_model(config_from_preset("mnist-flow-cpu", ["captions=true"] + ['model_overrides={"conditioning": "adaln-zero"}']))

@@ -46,7 +46,11 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     _add_sampling_arguments(parser)
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument("--labels", type=int, nargs="+", help="classes to cycle through (default: all)")
-    parser.add_argument("--out", required=True, help="output file, .png or .npz")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help='a caption model\'s prompt, e.g. "a thick seven" (repeat for several; default: '
+                             "every digit with every thickness and slant)")
+    parser.add_argument("--out", required=True, help="output file, .png or .npz (labels: a caption model's "
+                        "token ids [N, L])")
     parser.set_defaults(func=run_sample)
     return parser
 
@@ -62,6 +66,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=1000, help="samples drawn and scored (default 1000)")
     parser.add_argument("--data-root", help="MNIST root (default: the checkpoint's, else $MINIDIT_DATA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--held-out", action="store_true",
+                        help="a caption model: prompt the combinations held out of training (minidit.captions.HELD_OUT)")
     parser.set_defaults(func=run_eval)
     return parser
 
@@ -85,8 +91,11 @@ def _sampling(args) -> dict:
 def run_sample(args) -> int:
     check_output(args.out, OUTPUT_SUFFIXES)  # before the checkpoint loads and anything is drawn
     _, ema_model, objective, config = _load(args)
-    drawn = sample_model(ema_model, objective, config, args.n, labels=args.labels, **_sampling(args))
+    drawn = sample_model(ema_model, objective, config, args.n, labels=args.labels, prompts=args.prompt,
+                         **_sampling(args))
     classes = objective.null_label if config.class_conditional and not args.labels else None
+    if config.captions:  # the default prompts cycle through the ten digits
+        classes = None if args.prompt else 10
     path = write_samples(args.out, drawn["images"], drawn["labels"], nrow=classes)
     print(f"wrote {args.n} samples to {path}: {describe_sampling(drawn)}")
     return 0
@@ -96,6 +105,9 @@ def run_eval(args) -> int:
     _, ema_model, objective, config = _load(args)
     if args.data_root:
         config = dataclasses.replace(config, data_root=args.data_root)
-    result = evaluate_model(ema_model, objective, config, args.n, **_sampling(args))
+    extra = {"held_out": True} if args.held_out else {}
+    if args.held_out and not config.captions:
+        raise ValueError("--held-out needs a model trained on captions (captions=true)")
+    result = evaluate_model(ema_model, objective, config, args.n, **extra, **_sampling(args))
     print(json.dumps(result) if args.json else format_eval(result))
     return 0

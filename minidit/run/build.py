@@ -2,7 +2,9 @@
 
 `make_model` sizes the network for the dataset (or, for a latent objective, for the
 autoencoder's latents) and `make_objective` sets the null label of classifier-free guidance
-to the number of classes. `load_checkpoint` rebuilds both from the config a checkpoint
+to the number of classes. With `captions` the network reads MNIST captions (`minidit.captions`)
+instead of labels: its text conditioning defaults to cross-attention, the training data are
+(image, caption ids) pairs without the held-out combinations, and the null label is `<null>`. `load_checkpoint` rebuilds both from the config a checkpoint
 stores, with its weights, ready to sample (`minidit.run.generate`).
 """
 
@@ -15,11 +17,13 @@ from torch import nn
 
 from minidit import data
 from minidit.autoencoder import AUTOENCODER_BUILDERS
-from minidit.dit import make_dit
+from minidit.captions import caption_tokenizer, encode_dataset
+from minidit.dit import TEXT_CONDITIONINGS, make_dit
 from minidit.run.checkpoint import load_weights, read_checkpoint
 from minidit.run.config import TrainConfig
 from minidit.run.latent import AutoencoderObjective, LatentObjective, latent_input_shape
 from minidit.run.objectives import DIFFUSION_OBJECTIVES, objective_from_config
+from minidit.text import NULL
 from minidit.toy_models import TinyMLP
 from minidit.unet import UNET_BUILDERS
 
@@ -34,6 +38,11 @@ def make_model(config: TrainConfig) -> nn.Module:
         channels, side, _ = latent_input_shape(config.objective)  # the DiT sees c x h x w latents
     kwargs = {"in_channels": channels, "input_size": side,
               "num_classes": classes if config.class_conditional else 0, **config.model_overrides}
+    if config.captions:
+        check_captions(config)
+        tok = caption_tokenizer()
+        kwargs = {"conditioning": "text-cross-attention", **kwargs, "num_classes": 0, "text_vocab": tok.vocab_size,
+                  "text_length": tok.length}
     if config.model in MODEL_BUILDERS:
         return MODEL_BUILDERS[config.model](**kwargs)
     return make_dit(config.model, **{"learn_sigma": False, **kwargs})  # minidit's objectives learn no variance
@@ -42,6 +51,7 @@ def make_model(config: TrainConfig) -> nn.Module:
 def make_objective(config: TrainConfig):
     """The objective of `config`; its null label defaults to the number of classes."""
     null_label = data.dataset_shape(config.dataset)[2] if config.class_conditional else None
+    null_label = NULL if config.captions else null_label
     return objective_from_config({"null_label": null_label, **config.objective}, OBJECTIVES)
 
 
@@ -53,7 +63,21 @@ def training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1234)) * 2 - 1
         return images, torch.arange(n) % 10
     images, labels = data.load_dataset(config.dataset, "train", root=config.data_root)
-    return images[: config.dataset_size], labels[: config.dataset_size]
+    images, labels = images[: config.dataset_size], labels[: config.dataset_size]
+    if config.captions:  # (image, caption ids [L]) pairs; the held-out combinations never seen
+        check_captions(config)
+        ids, keep, _ = encode_dataset(images, labels)
+        return images[keep], ids[keep]
+    return images, labels
+
+
+def check_captions(config: TrainConfig) -> None:
+    """Raise ValueError unless `config` can train on captions: MNIST, conditional, a text-reading DiT."""
+    conditioning = config.model_overrides.get("conditioning", "text-cross-attention")
+    if config.dataset != "mnist" or not config.class_conditional or conditioning not in TEXT_CONDITIONINGS:
+        raise ValueError(f"captions=true needs dataset 'mnist', class_conditional=true and a DiT whose "
+                         f"conditioning is one of {TEXT_CONDITIONINGS}; got {config.dataset!r}, "
+                         f"class_conditional={config.class_conditional}, conditioning={conditioning!r}")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -34,6 +34,7 @@ class TrainConfig:
     dataset_size: int | None = None  # use only the first N training examples
     data_root: str | None = None  # else $MINIDIT_DATA, else the cache folder
     class_conditional: bool = True
+    captions: bool = False  # read MNIST captions (minidit.captions) instead of labels: a text conditioning
     hflip: bool = False  # random left-right flips (CIFAR-10)
     batch_size: int = 128
     grad_accum: int = 1
@@ -133,6 +134,12 @@ PRESETS: dict[str, TrainConfig] = {
     "mnist-ddpm-latent-cpu": TrainConfig(objective={**_MAIN_Z, "inner": _DDPM_Z},
                                          **{**_CPU, "model": "dit-mnist-latent", "lr": 5e-3, "steps": 10_000,
                                             "ema_decay": 0.999}, out_dir="runs/mnist-ddpm-latent-cpu"),
+    # text to image (minidit.captions): the main job's latent recipe reading captions instead of labels,
+    # by cross-attention [PixArt-α]; the same with "conditioning": "mmdit" reads them by joint attention [SD3]
+    "mnist-text-cpu": TrainConfig(objective=_MAIN_Z, captions=True,
+                                  model_overrides={"conditioning": "text-cross-attention"},
+                                  **{**_CPU, "model": "dit-mnist-latent", "lr": 5e-3, "steps": 10_000,
+                                     "minutes": 20.0, "ema_decay": 0.999}, out_dir="runs/mnist-text-cpu"),
     "mnist-gpu": TrainConfig(model="dit-mnist-gpu", objective=_FLOW, dataset="mnist", steps=30_000, **_GPU,
                              out_dir="runs/mnist-gpu"),
     "cifar10-gpu": TrainConfig(model="dit-cifar10-gpu", objective={**_FLOW, "sample_steps": 50, "cfg_scale": 2.0},

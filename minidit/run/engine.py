@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minidit import data, plotting
+from minidit.captions import caption_tokenizer, prompt_grid
 from minidit.device import autocast_dtype, get_device, seed_everything
 from minidit.ema import EMA
 from minidit.run import checkpoint as ckpt
@@ -316,6 +317,8 @@ def _sample_grid(run: Run, sample_fn, device: torch.device, out: Path, log_path:
     config = run.config
     channels, side, classes = data.dataset_shape(config.dataset)
     y = torch.arange(config.n_samples, device=device) % classes if config.class_conditional else None
+    if config.captions:  # prompts that cycle through the digits, then thickness and slant
+        y = caption_tokenizer().encode(prompt_grid(config.n_samples)[0])[0].to(device)
     path = plotting.save_samples(sample_fn, run.ema.model, (config.n_samples, channels, side, side), y,
                                  out / "samples" / f"step_{run.step:07d}.png", config.seed)
     plotting.append_log(log_path, {"event": "sample", "step": run.step, "path": str(path)})

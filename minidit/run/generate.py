@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from minidit import data
 from minidit.autoencoder import evaluate_reconstructions
+from minidit.captions import AttributeBins, caption_tokenizer, prompt_grid
 from minidit.metrics import EVAL_DATASETS, evaluate_samples, reference_stats
 from minidit.run.objectives import Sampler
 
@@ -63,15 +64,17 @@ def draw(sampler: Sampler, labels: Tensor, image_shape: tuple[int, int, int], *,
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if labels.ndim != 1 or len(labels) == 0:
-        raise ValueError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
+    if labels.ndim not in (1, 2) or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty [n] tensor (or [n, L] caption ids), got shape "
+                         f"{tuple(labels.shape)}")
     generator = torch.Generator(sampler.device).manual_seed(seed)
     out, nfes = [], []
     begin = time.perf_counter()
     with torch.inference_mode():
         for start in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not progress, leave=False):
             y = labels[start:start + batch_size]  # [b]
-            drawn = sampler((len(y), *image_shape), None if int(y[0]) < 0 else y.to(sampler.device), generator)
+            unconditional = y.ndim == 1 and int(y[0]) < 0
+            drawn = sampler((len(y), *image_shape), None if unconditional else y.to(sampler.device), generator)
             out.append(drawn.x.float().clamp(-1, 1).cpu())  # .cpu() waits for an accelerator
             nfes.append(drawn.nfe)
     return {"images": torch.cat(out), "labels": labels.clone(), "nfe": sum(nfes) / len(nfes),
@@ -81,12 +84,15 @@ def draw(sampler: Sampler, labels: Tensor, image_shape: tuple[int, int, int], *,
 def sample_model(model: nn.Module, objective, config, n: int, *, sampler: str | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, grid: str | None = None,
                  cfg_interval: tuple[float, float] | None | str = "default", labels: Sequence[int] | None = None,
-                 seed: int = 0, batch_size: int = 250, progress: bool = False, **options) -> dict:
+                 prompts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 250, progress: bool = False,
+                 **options) -> dict:
     """n samples of a trained run: `draw` with the objective's `make_sampler` and `class_labels`.
 
     Args:
         model, objective, config: from `minidit.run.build.load_checkpoint` (config: a TrainConfig).
         n: number of samples; labels: the classes to cycle through (None: balanced).
+        prompts: for a caption model (`config.captions`), the captions to cycle through (None:
+            `minidit.captions.prompt_grid`, every digit with every thickness and slant).
         sampler, steps, cfg_scale, grid, cfg_interval, options: see the objective's `make_sampler`.
 
     Returns:
@@ -99,7 +105,15 @@ def sample_model(model: nn.Module, objective, config, n: int, *, sampler: str | 
         extra["cfg_interval"] = cfg_interval
     bound = objective.make_sampler(model, sampler, steps, cfg_scale, **extra, **options)
     channels, side, classes = data.dataset_shape(config.dataset)
-    ys = class_labels(n, classes if config.class_conditional else 0, labels)
+    if getattr(config, "captions", False):
+        if labels:
+            raise ValueError("a caption model takes prompts, not labels")
+        texts = [prompts[i % len(prompts)] for i in range(n)] if prompts else prompt_grid(n)[0]
+        ys, _ = caption_tokenizer().encode(texts)  # [n, L]
+    elif prompts:
+        raise ValueError("prompts need a model trained on captions (captions=true)")
+    else:
+        ys = class_labels(n, classes if config.class_conditional else 0, labels)
     drawn = draw(bound, ys, (channels, side, side), batch_size=batch_size, seed=seed, progress=progress)
     return {**drawn, "sampler": bound.name, "steps": bound.steps, "grid": bound.grid, "cfg_scale": bound.cfg_scale,
             "cfg_interval": bound.cfg_interval}
@@ -129,12 +143,33 @@ def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progre
         raise ValueError(f"n must be an int in [2, 10000], got {n!r}")
     device = next(model.parameters()).device
     reference_stats(config.dataset, n, config.data_root, device)  # the real data first: fail before sampling
+    if getattr(config, "captions", False):
+        return _evaluate_captions(model, objective, config, n, progress=progress, **sampling)
     drawn = sample_model(model, objective, config, n, progress=progress, **sampling)
     labels = drawn["labels"] if config.class_conditional else None
     scores = evaluate_samples(drawn["images"], labels, dataset=config.dataset, n=n, root=config.data_root,
                               device=device, progress=progress)
     keys = ("sampler", "steps", "grid", "cfg_scale", "cfg_interval", "nfe", "seconds")
     return {**scores, **{k: drawn[k] for k in keys}}
+
+
+def _evaluate_captions(model, objective, config, n: int, *, held_out: bool = False, progress: bool = False,
+                       **sampling) -> dict:
+    """`evaluate_model` of a caption model: full prompts (`prompt_grid`, or the held-out combinations);
+    the digit accuracy is the classifier's, the thickness and slant accuracies are the attributes
+    measured on the samples (`minidit.captions`, bins of the training images) against the prompt's
+    (chance 1/3 each)."""
+    texts, wanted = prompt_grid(n, held_out)  # [n, 3]: digit, thickness class, slant class
+    drawn = sample_model(model, objective, config, n, prompts=texts, progress=progress, **sampling)
+    device = next(model.parameters()).device
+    scores = evaluate_samples(drawn["images"], wanted[:, 0], dataset=config.dataset, n=n, root=config.data_root,
+                              device=device, progress=progress)
+    train, _ = data.load_dataset(config.dataset, "train", root=config.data_root)
+    thick, slant = AttributeBins.fit(train[: config.dataset_size]).classes(drawn["images"])  # the training bins
+    keys = ("sampler", "steps", "grid", "cfg_scale", "cfg_interval", "nfe", "seconds")
+    return {**scores, "thickness_accuracy": float((thick == wanted[:, 1]).float().mean()),
+            "slant_accuracy": float((slant == wanted[:, 2]).float().mean()), "held_out": held_out,
+            **{k: drawn[k] for k in keys}}
 
 
 def describe_sampling(result: dict) -> str:
@@ -152,5 +187,10 @@ def format_eval(result: dict) -> str:
     if "psnr" in result:
         fd = "n/a" if result["fd"] is None else f"{result['fd']:.3f} (floor {result['fd_floor']:.3f})"
         return f"reconstructions: PSNR {result['psnr']:.2f} dB, FD {fd}, accuracy {accuracy}, n {result['n']}"
-    return (f"FD {result['fd']:.3f} (real-vs-real floor {result['fd_floor']:.3f}), accuracy {accuracy}, "
+    text = ""
+    if "thickness_accuracy" in result:  # a caption model: the attributes too (chance 1/3 each)
+        which = "held-out prompts, " if result.get("held_out") else ""
+        text = (f" ({which}digit), thickness {100 * result['thickness_accuracy']:.1f}%, slant "
+                f"{100 * result['slant_accuracy']:.1f}% (chance 33.3%)")
+    return (f"FD {result['fd']:.3f} (real-vs-real floor {result['fd_floor']:.3f}), accuracy {accuracy}{text}, "
             f"n {result['n']} | {describe_sampling(result)}")
