@@ -19,6 +19,10 @@ thickness and its slant, in words whose cut points are the terciles of the train
 
     "a thick seven, slanted right"     "a thin one"     "a four, upright"
 
+Fashion-MNIST gets the same scheme with its class names for nouns ("a thick coat, slanted
+left", "an ankle boot"): `CLASS_NAMES` holds both, and every function takes `dataset`. The
+measurements mean the same on a garment (bulk as area over half-perimeter, lean from the moments).
+
 Which attributes a caption names is fixed by the image's index (`CAPTION_FORMS`), so captions are
 deterministic and the model also sees prompts that leave an attribute out. `HELD_OUT` lists
 combinations (digit, thickness, slant) that training never sees, for a test of generalisation.
@@ -31,23 +35,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from minidit.text import Tokenizer
+from minidit.text import Tokenizer, words
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FASHION = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+CLASS_NAMES = {"mnist": DIGITS, "fashion-mnist": FASHION}  # the noun of each label, per dataset
 THICKNESS = ("thin", "medium", "thick")
 SLANT = ("slanted left", "upright", "slanted right")
 CAPTION_FORMS = ("digit thickness slant", "digit thickness", "digit slant", "digit thickness slant")
 # (digit, thickness, slant) combinations removed from training, to test generalisation
 HELD_OUT = ((7, 2, 0), (4, 0, 2), (2, 2, 1), (0, 0, 0), (9, 2, 2))
 INK_THRESHOLD = 0.2  # a row "has ink" when its brightest pixel exceeds this
-# every word a caption can hold, in the tokenizer's id order (ids 3, 4, ...)
-VOCABULARY = ("a", "an", *DIGITS, *THICKNESS, "slanted", "left", "upright", "right")
-CAPTION_LENGTH = 6  # tokens per caption: the longest, "a medium seven, slanted right", has 5 words
+CAPTION_LENGTH = 6  # tokens per caption: the longest, "a medium ankle boot, slanted right", has 6 words
 
 
-def caption_tokenizer() -> Tokenizer:
-    """The word-level tokenizer of the MNIST captions (`VOCABULARY`, L = `CAPTION_LENGTH`)."""
-    return Tokenizer(VOCABULARY, CAPTION_LENGTH)
+def _names(dataset: str) -> tuple[str, ...]:
+    if dataset not in CLASS_NAMES:
+        raise ValueError(f"captions exist for {sorted(CLASS_NAMES)}, not {dataset!r}")
+    return CLASS_NAMES[dataset]
+
+
+def vocabulary(dataset: str = "mnist") -> tuple[str, ...]:
+    """Every word a caption of `dataset` can hold, in the tokenizer's id order (ids 3, 4, ...).
+    (MNIST's order is fixed: the shipped models' token ids depend on it.)"""
+    nouns = dict.fromkeys(w for name in _names(dataset) for w in words(name))  # "ankle boot" -> ankle, boot
+    return ("a", "an", *nouns, *THICKNESS, "slanted", "left", "upright", "right")
+
+
+VOCABULARY = vocabulary("mnist")
+
+
+def caption_tokenizer(dataset: str = "mnist") -> Tokenizer:
+    """The word-level tokenizer of the captions of `dataset` (`vocabulary`, L = `CAPTION_LENGTH`)."""
+    return Tokenizer(vocabulary(dataset), CAPTION_LENGTH)
 
 
 def _ink(images: Tensor) -> Tensor:
@@ -126,19 +146,23 @@ class AttributeBins:
         return cut(thickness(images), self.thickness), cut(slant(images), self.slant)
 
 
-def caption(digit: int, thickness_class: int | None = None, slant_class: int | None = None) -> str:
-    """The caption of one digit: "a thick seven, slanted right"; None leaves an attribute out."""
-    if not 0 <= digit < len(DIGITS):
-        raise ValueError(f"digit must lie in [0, 9], got {digit}")
-    words = [THICKNESS[thickness_class]] if thickness_class is not None else []
-    noun = " ".join([*words, DIGITS[digit]])
-    article = "an" if noun.startswith("eight") else "a"  # "a one", "an eight"
+def caption(digit: int, thickness_class: int | None = None, slant_class: int | None = None,
+            dataset: str = "mnist") -> str:
+    """The caption of one image of class `digit`: "a thick seven, slanted right"; None leaves an
+    attribute out."""
+    names = _names(dataset)
+    if not 0 <= digit < len(names):
+        raise ValueError(f"the label must lie in [0, {len(names) - 1}], got {digit}")
+    adjective = [THICKNESS[thickness_class]] if thickness_class is not None else []
+    noun = " ".join([*adjective, names[digit]])
+    article = "an" if noun.split()[0] in ("eight", "ankle") else "a"  # "a one", "an eight", "an ankle boot"
     text = f"{article} {noun}"
     return text if slant_class is None else f"{text}, {SLANT[slant_class]}"
 
 
 def caption_dataset(images: Tensor, labels: Tensor, bins: AttributeBins,
-                    held_out: tuple[tuple[int, int, int], ...] = HELD_OUT) -> tuple[list[str], Tensor]:
+                    held_out: tuple[tuple[int, int, int], ...] = HELD_OUT, dataset: str = "mnist"
+                    ) -> tuple[list[str], Tensor]:
     """Captions for a dataset and the mask of images to train on.
 
     Image i is described in form CAPTION_FORMS[i mod 4] (all attributes, or one left out), so the
@@ -157,21 +181,23 @@ def caption_dataset(images: Tensor, labels: Tensor, bins: AttributeBins,
     texts = []
     for i, (d, wc, sc) in enumerate(zip(labels.tolist(), w.tolist(), s.tolist())):
         form = CAPTION_FORMS[i % len(CAPTION_FORMS)]
-        texts.append(caption(d, wc if "thickness" in form else None, sc if "slant" in form else None))
+        texts.append(caption(d, wc if "thickness" in form else None, sc if "slant" in form else None, dataset))
     return texts, keep
 
 
-def parse_caption(text: str) -> tuple[int | None, int | None, int | None]:
-    """(digit, thickness class, slant class) named by a caption (None where it names none)."""
-    text = text.lower()
-    digit = next((i for i, w in enumerate(DIGITS) if w in text.replace(",", " ").split()), None)
-    thick = next((i for i, w in enumerate(THICKNESS) if w in text.replace(",", " ").split()), None)
-    sl = next((i for i, w in enumerate(SLANT) if w in text), None)
-    return digit, thick, sl
+def parse_caption(text: str, dataset: str = "mnist") -> tuple[int | None, int | None, int | None]:
+    """(label, thickness class, slant class) named by a caption (None where it names none)."""
+    said = f" {' '.join(words(text))} "  # words between spaces: " a thick ankle boot slanted left "
+    names = _names(dataset)  # longest first, so that "t-shirt" is not read as "shirt"
+    label = next((i for i in sorted(range(len(names)), key=lambda i: -len(names[i]))
+                  if f" {' '.join(words(names[i]))} " in said), None)
+    thick = next((i for i, w in enumerate(THICKNESS) if f" {w} " in said), None)
+    sl = next((i for i, w in enumerate(SLANT) if f" {w} " in said), None)
+    return label, thick, sl
 
 
-def encode_dataset(images: Tensor, labels: Tensor, held_out: tuple[tuple[int, int, int], ...] = HELD_OUT
-                   ) -> tuple[Tensor, Tensor, AttributeBins]:
+def encode_dataset(images: Tensor, labels: Tensor, held_out: tuple[tuple[int, int, int], ...] = HELD_OUT,
+                   dataset: str = "mnist") -> tuple[Tensor, Tensor, AttributeBins]:
     """A labelled image set as text-conditioning data: (token ids [N, L], keep [N] bool, bins).
 
     The bins are the terciles of these images (`AttributeBins.fit`); `keep` drops the held-out
@@ -179,18 +205,18 @@ def encode_dataset(images: Tensor, labels: Tensor, held_out: tuple[tuple[int, in
     `caption_dataset`'s captions.
     """
     bins = AttributeBins.fit(images)
-    texts, keep = caption_dataset(images, labels, bins, held_out)
-    ids, _ = caption_tokenizer().encode(texts)
+    texts, keep = caption_dataset(images, labels, bins, held_out, dataset)
+    ids, _ = caption_tokenizer(dataset).encode(texts)
     return ids, keep, bins
 
 
-def prompt_grid(n: int, held_out: bool = False) -> tuple[list[str], Tensor]:
-    """n full prompts that cycle through digits, then thickness, then slant: (captions, [n, 3] of
-    (digit, thickness class, slant class)). With `held_out`, cycle through `HELD_OUT` instead."""
+def prompt_grid(n: int, held_out: bool = False, dataset: str = "mnist") -> tuple[list[str], Tensor]:
+    """n full prompts that cycle through labels, then thickness, then slant: (captions, [n, 3] of
+    (label, thickness class, slant class)). With `held_out`, cycle through `HELD_OUT` instead."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if held_out:
         combos = [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]
     else:
         combos = [(i % 10, (i // 10) % 3, (i // 30) % 3) for i in range(n)]
-    return [caption(*c) for c in combos], torch.tensor(combos, dtype=torch.long)
+    return [caption(*c, dataset=dataset) for c in combos], torch.tensor(combos, dtype=torch.long)

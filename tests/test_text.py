@@ -75,7 +75,7 @@ def test_captions_name_digit_thickness_and_slant():
     assert C.caption(7, 2, 2) == "a thick seven, slanted right"
     assert C.caption(1) == "a one"
     assert C.caption(8, None, 1) == "an eight, upright"
-    with pytest.raises(ValueError, match="digit"):
+    with pytest.raises(ValueError, match="label must lie in"):
         C.caption(10)
     for d in range(10):
         for w in (None, 0, 1, 2):
@@ -175,7 +175,8 @@ def test_new_blocks_are_the_identity_at_initialisation():
     for cond in ("text-cross-attention", "mmdit"):  # and the whole DiT predicts zero
         dit = make_dit("dit-mnist-cpu", conditioning=cond, num_classes=0, text_vocab=10, text_length=4)
         ids = torch.tensor([[3, 4, 0, 0], [5, 6, 7, 8]])
-        assert float(dit(torch.randn(2, 1, 28, 28), torch.tensor([10.0, 500.0]), ids).abs().max()) == 0.0
+        with torch.no_grad():
+            assert float(dit(torch.randn(2, 1, 28, 28), torch.tensor([10.0, 500.0]), ids).abs().max()) == 0.0
 
 
 def test_mmdit_with_shared_weights_is_one_adaln_zero_block_on_the_joined_sequence():
@@ -284,3 +285,61 @@ def test_a_caption_model_trains_samples_from_prompts_and_scores_its_attributes(c
 def test_captions_need_a_text_reading_dit():
     with pytest.raises(ValueError, match="captions=true needs"):
         make_model(config_from_preset("mnist-flow-cpu", ["captions=true"] + ['model_overrides={"conditioning": "adaln-zero"}']))
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST captions
+
+
+def test_mnist_token_ids_are_the_ones_the_shipped_caption_models_read():
+    # the shipped mnist-text and mnist-mmdit embed ids 3.. in this order: a reordering would scramble them
+    assert C.vocabulary("mnist") == ("a", "an", *C.DIGITS, "thin", "medium", "thick", "slanted", "left", "upright",
+                                     "right")
+    assert caption_tokenizer().vocabulary == C.VOCABULARY == C.vocabulary("mnist")
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_every_caption_of_a_dataset_tokenizes_without_unknowns_and_parses_back(dataset):
+    tok = caption_tokenizer(dataset)
+    combos = [(k, w, s) for k in range(10) for w in (None, 0, 1, 2) for s in (None, 0, 1, 2)]
+    texts = [C.caption(*combo, dataset=dataset) for combo in combos]
+    ids, mask = tok.encode(texts)
+    assert not bool((ids == UNK).any()) and bool(mask[:, 0].all())
+    assert int(mask.sum(1).max()) <= tok.length  # nothing cut: the longest caption fits L
+    assert [parse_caption(t, dataset) for t in tok.decode(ids)] == combos
+    assert len(set(texts)) == len(texts)
+
+
+def test_fashion_captions_name_the_garment_with_the_right_article():
+    assert C.caption(9, 2, 0, dataset="fashion-mnist") == "a thick ankle boot, slanted left"
+    assert C.caption(9, dataset="fashion-mnist") == "an ankle boot"
+    assert C.caption(0, 0, dataset="fashion-mnist") == "a thin t-shirt"
+    assert parse_caption("a shirt, upright", "fashion-mnist") == (6, None, 1)  # not the t-shirt
+    with pytest.raises(ValueError, match="captions exist for"):
+        C.caption(1, dataset="cifar10")
+
+
+def test_fashion_text_gpu_preset_trains_on_captioned_garments(monkeypatch, tmp_path):
+    # the GPU preset's data path on the CPU: fake garments (random blobs), one step, then prompts
+    from minidit import data
+
+    g = torch.Generator().manual_seed(0)
+    blobs = (torch.rand(64, 1, 28, 28, generator=g) > 0.6).float() * 2 - 1
+    real = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda name, *a, **k: (blobs, torch.arange(64) % 10)
+                        if name == "fashion-mnist" else real(name, *a, **k))
+    config = config_from_preset("fashion-text-gpu", [
+        'model_overrides={"conditioning": "text-cross-attention", "depth": 2, "hidden_size": 64, "num_heads": 4}',
+        "steps=1", "batch_size=8", "device=cpu", "sample_every=0", "checkpoint_every=0", "log_every=1",
+        "warmup_steps=1", f"out_dir={tmp_path / 'run'}"])
+    images, ids = training_data(config)
+    tok = caption_tokenizer("fashion-mnist")
+    assert ids.shape == (len(images), tok.length) and not bool((ids == UNK).any())
+    assert all(parse_caption(t, "fashion-mnist")[0] is not None for t in tok.decode(ids))
+    model = make_model(config)
+    assert model.config.text_vocab == tok.vocab_size
+    train(config, progress=False)
+    _, ema, objective, loaded = load_checkpoint(tmp_path / "run" / "latest.pt")
+    drawn = sample_model(ema, objective, loaded, 2, prompts=["a thick coat, slanted left"], steps=2)
+    assert drawn["images"].shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="mirrored image leans the other way"):
+        make_model(config_from_preset("fashion-text-gpu", ["hflip=true"]))

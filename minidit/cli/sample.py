@@ -94,7 +94,7 @@ def run_sample(args) -> int:
     drawn = sample_model(ema_model, objective, config, args.n, labels=args.labels, prompts=args.prompt,
                          **_sampling(args))
     classes = objective.null_label if config.class_conditional and not args.labels else None
-    if config.captions:  # the default prompts cycle through the ten digits
+    if config.captions:  # the default prompts cycle through the ten classes
         classes = None if args.prompt else 10
     path = write_samples(args.out, drawn["images"], drawn["labels"], nrow=classes)
     print(f"wrote {args.n} samples to {path}: {describe_sampling(drawn)}")

@@ -2,7 +2,7 @@
 
 `make_model` sizes the network for the dataset (or, for a latent objective, for the
 autoencoder's latents) and `make_objective` sets the null label of classifier-free guidance
-to the number of classes. With `captions` the network reads MNIST captions (`minidit.captions`)
+to the number of classes. With `captions` the network reads captions (`minidit.captions`: MNIST or Fashion-MNIST)
 instead of labels: its text conditioning defaults to cross-attention, the training data are
 (image, caption ids) pairs without the held-out combinations, and the null label is `<null>`. `load_checkpoint` rebuilds both from the config a checkpoint
 stores, with its weights, ready to sample (`minidit.run.generate`).
@@ -17,7 +17,7 @@ from torch import nn
 
 from minidit import data
 from minidit.autoencoder import AUTOENCODER_BUILDERS
-from minidit.captions import caption_tokenizer, encode_dataset
+from minidit.captions import CLASS_NAMES, caption_tokenizer, encode_dataset
 from minidit.dit import TEXT_CONDITIONINGS, make_dit
 from minidit.run.checkpoint import load_weights, read_checkpoint
 from minidit.run.config import TrainConfig
@@ -40,7 +40,7 @@ def make_model(config: TrainConfig) -> nn.Module:
               "num_classes": classes if config.class_conditional else 0, **config.model_overrides}
     if config.captions:
         check_captions(config)
-        tok = caption_tokenizer()
+        tok = caption_tokenizer(config.dataset)
         kwargs = {"conditioning": "text-cross-attention", **kwargs, "num_classes": 0, "text_vocab": tok.vocab_size,
                   "text_length": tok.length}
     if config.model in MODEL_BUILDERS:
@@ -66,18 +66,22 @@ def training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = images[: config.dataset_size], labels[: config.dataset_size]
     if config.captions:  # (image, caption ids [L]) pairs; the held-out combinations never seen
         check_captions(config)
-        ids, keep, _ = encode_dataset(images, labels)
+        ids, keep, _ = encode_dataset(images, labels, dataset=config.dataset)
         return images[keep], ids[keep]
     return images, labels
 
 
 def check_captions(config: TrainConfig) -> None:
-    """Raise ValueError unless `config` can train on captions: MNIST, conditional, a text-reading DiT."""
+    """Raise ValueError unless `config` can train on captions: a captioned dataset, conditional, a
+    text-reading DiT."""
     conditioning = config.model_overrides.get("conditioning", "text-cross-attention")
-    if config.dataset != "mnist" or not config.class_conditional or conditioning not in TEXT_CONDITIONINGS:
-        raise ValueError(f"captions=true needs dataset 'mnist', class_conditional=true and a DiT whose "
-                         f"conditioning is one of {TEXT_CONDITIONINGS}; got {config.dataset!r}, "
+    if config.dataset not in CLASS_NAMES or not config.class_conditional or conditioning not in TEXT_CONDITIONINGS:
+        raise ValueError(f"captions=true needs a dataset in {sorted(CLASS_NAMES)}, class_conditional=true and a "
+                         f"DiT whose conditioning is one of {TEXT_CONDITIONINGS}; got {config.dataset!r}, "
                          f"class_conditional={config.class_conditional}, conditioning={conditioning!r}")
+    if config.hflip:
+        raise ValueError("captions=true with hflip=true: a mirrored image leans the other way, so its caption's "
+                         "slant word would be wrong; set hflip=false")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):

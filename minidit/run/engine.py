@@ -318,7 +318,7 @@ def _sample_grid(run: Run, sample_fn, device: torch.device, out: Path, log_path:
     channels, side, classes = data.dataset_shape(config.dataset)
     y = torch.arange(config.n_samples, device=device) % classes if config.class_conditional else None
     if config.captions:  # prompts that cycle through the digits, then thickness and slant
-        y = caption_tokenizer().encode(prompt_grid(config.n_samples)[0])[0].to(device)
+        y = caption_tokenizer(config.dataset).encode(prompt_grid(config.n_samples, dataset=config.dataset)[0])[0].to(device)
     path = plotting.save_samples(sample_fn, run.ema.model, (config.n_samples, channels, side, side), y,
                                  out / "samples" / f"step_{run.step:07d}.png", config.seed)
     plotting.append_log(log_path, {"event": "sample", "step": run.step, "path": str(path)})

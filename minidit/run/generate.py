@@ -11,6 +11,7 @@ pair is one batched call): DDIM and Euler N, Heun 2N (EDM 2N − 1), DPM-Solver+
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Sequence
@@ -92,7 +93,7 @@ def sample_model(model: nn.Module, objective, config, n: int, *, sampler: str | 
         model, objective, config: from `minidit.run.build.load_checkpoint` (config: a TrainConfig).
         n: number of samples; labels: the classes to cycle through (None: balanced).
         prompts: for a caption model (`config.captions`), the captions to cycle through (None:
-            `minidit.captions.prompt_grid`, every digit with every thickness and slant).
+            `minidit.captions.prompt_grid`, every class with every thickness and slant).
         sampler, steps, cfg_scale, grid, cfg_interval, options: see the objective's `make_sampler`.
 
     Returns:
@@ -108,8 +109,8 @@ def sample_model(model: nn.Module, objective, config, n: int, *, sampler: str | 
     if getattr(config, "captions", False):
         if labels:
             raise ValueError("a caption model takes prompts, not labels")
-        texts = [prompts[i % len(prompts)] for i in range(n)] if prompts else prompt_grid(n)[0]
-        ys, _ = caption_tokenizer().encode(texts)  # [n, L]
+        texts = [prompts[i % len(prompts)] for i in range(n)] if prompts else prompt_grid(n, dataset=config.dataset)[0]
+        ys, _ = caption_tokenizer(config.dataset).encode(texts)  # [n, L]
     elif prompts:
         raise ValueError("prompts need a model trained on captions (captions=true)")
     else:
@@ -153,19 +154,28 @@ def evaluate_model(model: nn.Module, objective, config, n: int = 1000, *, progre
     return {**scores, **{k: drawn[k] for k in keys}}
 
 
+@functools.lru_cache(maxsize=4)
+def training_bins(dataset: str, root: str | None = None, size: int | None = None) -> AttributeBins:
+    """The attribute bins (`minidit.captions.AttributeBins`) of the first `size` training images of
+    `dataset`: what a caption model's words meant when it trained. Cached, since fitting reads the
+    whole split."""
+    train, _ = data.load_dataset(dataset, "train", root=root)
+    return AttributeBins.fit(train[:size])
+
+
 def _evaluate_captions(model, objective, config, n: int, *, held_out: bool = False, progress: bool = False,
                        **sampling) -> dict:
     """`evaluate_model` of a caption model: full prompts (`prompt_grid`, or the held-out combinations);
     the digit accuracy is the classifier's, the thickness and slant accuracies are the attributes
     measured on the samples (`minidit.captions`, bins of the training images) against the prompt's
     (chance 1/3 each)."""
-    texts, wanted = prompt_grid(n, held_out)  # [n, 3]: digit, thickness class, slant class
+    texts, wanted = prompt_grid(n, held_out, config.dataset)  # [n, 3]: digit, thickness class, slant class
     drawn = sample_model(model, objective, config, n, prompts=texts, progress=progress, **sampling)
     device = next(model.parameters()).device
     scores = evaluate_samples(drawn["images"], wanted[:, 0], dataset=config.dataset, n=n, root=config.data_root,
                               device=device, progress=progress)
-    train, _ = data.load_dataset(config.dataset, "train", root=config.data_root)
-    thick, slant = AttributeBins.fit(train[: config.dataset_size]).classes(drawn["images"])  # the training bins
+    bins = training_bins(config.dataset, config.data_root, config.dataset_size)
+    thick, slant = bins.classes(drawn["images"])
     keys = ("sampler", "steps", "grid", "cfg_scale", "cfg_interval", "nfe", "seconds")
     return {**scores, "thickness_accuracy": float((thick == wanted[:, 1]).float().mean()),
             "slant_accuracy": float((slant == wanted[:, 2]).float().mean()), "held_out": held_out,
