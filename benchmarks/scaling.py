@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ from matplotlib.ticker import FuncFormatter
 
 from minidit.run.generate import evaluate_model
 from minidit.run.outputs import atomic_write, check_folder
-from minidit.device import get_device
+from minidit.device import cpu_name, get_device
 from minidit.dit import DIT_CONFIGS, DiTConfig
 from minidit.flops import PAPER_TABLE4, profile
 from minidit.run.build import make_model, make_objective
@@ -151,11 +150,7 @@ def final_loss(run_dir: Path) -> float | None:
 
 def machine() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one), core count and torch version."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    cpu = names[0] if names else f"{platform.machine()} {platform.processor()}".strip()
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from minidit.dit import DIT_CONFIGS, make_dit
+from minidit.device import cpu_name
 from minidit.flops import count_macs, count_params
 from minidit.vit import VIT_CONFIGS, make_vit
 
@@ -90,13 +90,6 @@ def _sync(device: torch.device):
     elif device.type == "mps":
         torch.mps.synchronize()
 
-
-def _cpu_name() -> str:
-    try:  # Linux names the model in /proc/cpuinfo; elsewhere platform gives what it can
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def time_pair(pair: dict, args, device: torch.device) -> dict[str, float]:
@@ -161,7 +154,7 @@ def main() -> None:
                         f"| {tflops[label]:.3f} | {mfu} | {seconds[ours] / seconds[label]:.2f} |")
         print("\n".join(rows[-2:]), flush=True)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     lines = [
         "# Training-step throughput: minidit vs diffusers / transformers",
         "",

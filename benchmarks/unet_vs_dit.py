@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ PAIRS: dict[str, tuple[dict, str]] = {
 WORKER = r'''
 import json, sys, torch
 from minidit.cli import config_from_preset
+from minidit.device import cpu_name
 from minidit.flops import count_macs, count_params
 from minidit.run.build import load_checkpoint, make_model
 from minidit.run.engine import train
@@ -142,11 +142,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def machine(threads: int) -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one), its core count, threads and torch."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    cpu = names[0] if names else f"{platform.machine()} {platform.processor()}".strip()
-    return f"{cpu}, {os.cpu_count()} CPUs, {threads} torch thread(s) per run"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {threads} torch thread(s) per run"
 
 
 def main(argv: list[str] | None = None) -> dict:

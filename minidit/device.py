@@ -9,7 +9,9 @@ needs a gradient scaler). `seed_everything` seeds every random number generator 
 from __future__ import annotations
 
 import os
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,3 +94,13 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the device line of a benchmark ("AMD EPYC 7B13"): /proc/cpuinfo's
+    `model name` on Linux, else what `platform` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -114,3 +114,17 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_scale_halves(monkeypatch, t
         engine.train_step(run, engine.autocast_for(config, torch.device("cpu")), guard)
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
     assert run.scaler.get_scale() == 2.0**99
+
+
+def test_cpu_name_reads_the_model_name_and_falls_back_to_platform(monkeypatch, tmp_path):
+    import minidit.device as dev
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t: fpu\n")
+    real_path = dev.Path
+    monkeypatch.setattr(dev, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    assert dev.cpu_name() == "Example CPU 9000"
+    info.write_text("processor\t: 0\n")  # no model name line
+    monkeypatch.setattr(dev.platform, "processor", lambda: "")
+    monkeypatch.setattr(dev.platform, "machine", lambda: "arm64")
+    assert dev.cpu_name() == "arm64"
