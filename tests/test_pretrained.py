@@ -15,7 +15,8 @@ from minidit.run.generate import class_labels, sample_model
 from minidit.run.pretrained import describe, load, names
 from minidit.toy_models import TinyMLP
 
-SHIPPED = ["mnist-ae", "mnist-ddpm", "mnist-dit"]  # what the package must hold
+SHIPPED = ["mnist-ae", "mnist-ddpm", "mnist-dit", "mnist-mmdit", "mnist-text"]  # what the package must hold
+CAPTION_MODELS = ["mnist-mmdit", "mnist-text"]  # read captions (minidit.captions), not labels
 
 
 def test_write_then_read_round_trips_and_checks_the_checksum(tmp_path):
@@ -59,13 +60,32 @@ def test_every_model_the_package_promises_is_there_and_small():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "mnist-ae"])
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n not in ("mnist-ae", *CAPTION_MODELS)])
 def test_each_shipped_generator_draws_the_digit_asked_for(name):
     # two hundred samples with the model's own sampler, classified by the shipped MNIST classifier
     model, objective, config = load(name)
     drawn = sample_model(model, objective, config, 200, seed=1)
     accuracy = classifier_accuracy(drawn["images"], drawn["labels"], load_feature_net("mnist"), progress=False)
     assert accuracy >= 0.9, (name, accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CAPTION_MODELS)
+def test_each_shipped_caption_model_draws_the_digit_and_the_attributes_asked_for(name, mnist_root):
+    # every (digit, thickness, slant) once: the digit read by the classifier, the attributes measured on
+    # the samples in the training set's bins; a model deaf to the attribute words scores 1/3 on each
+    from minidit.captions import AttributeBins, prompt_grid
+    from minidit.data import load_dataset
+
+    model, objective, config = load(name)
+    assert config.captions and model.config.conditioning in ("text-cross-attention", "mmdit")
+    texts, wanted = prompt_grid(90)
+    drawn = sample_model(model, objective, config, 90, prompts=texts, seed=1)
+    accuracy = classifier_accuracy(drawn["images"], wanted[:, 0], load_feature_net("mnist"), progress=False)
+    images, _ = load_dataset("mnist", "train", root=mnist_root)
+    thick, slant = AttributeBins.fit(images).classes(drawn["images"])
+    attributes = [float((thick == wanted[:, 1]).float().mean()), float((slant == wanted[:, 2]).float().mean())]
+    assert accuracy >= 0.9 and min(attributes) > 0.5, (name, accuracy, attributes)
 
 
 def test_the_shipped_autoencoder_reconstructs_digits(mnist_root):

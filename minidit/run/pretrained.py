@@ -33,6 +33,9 @@ def describe(name: str) -> str:
     quality = (f"FD {r['fd']:.2f} (floor {r['fd_floor']:.2f}), accuracy {100 * r['accuracy']:.1f}%, n {r['n']}"
                if r.get("fd") is not None else
                f"reconstruction PSNR {r['psnr']:.1f} dB" if r.get("psnr") is not None else "not scored")
+    if r.get("thickness_accuracy") is not None:  # a caption model: its prompts' attributes (chance 1/3 each)
+        quality += (f", thickness {100 * r['thickness_accuracy']:.1f}%, slant {100 * r['slant_accuracy']:.1f}% "
+                    "(chance 33.3%)")
     return (f"{name}: preset {r.get('preset')}, {r.get('steps')} steps in {r.get('train_minutes', 0):.1f} min on "
             f"{r.get('device')}; {quality}")
 
