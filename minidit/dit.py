@@ -23,7 +23,15 @@ ids [B, L] of `minidit.text.Tokenizer`, read by the DiT's own text encoder, and 
     mmdit:                 text and image streams with their own weights, one joint attention,
                            adaLN-Zero on t_emb + MLP(pooled text) [SD3]
 
-References: [DiT] Peebles, Xie 2023; [IDDPM] Nichol, Dhariwal 2021; [CFG] Ho, Salimans 2022.
+With `second_time` the same DiT also reads a second time r (MeanFlow's average velocity over
+[r, t], a shortcut model's step): t comes as pairs (t, r) [B, 2], and a second timestep embedder
+adds the interval to the time embedding (the inputs (t, t − r) of [MeanFlow, Tab. 1]):
+
+    t_emb ← t_emb(t) + Δ_emb(t − r),     Δ_emb zero at init; a single time [B] means r = t
+
+Off by default: no new weights, and the forward pass is exactly the one-time model's.
+
+References: [MeanFlow] Geng et al. 2025; [DiT] Peebles, Xie 2023; [IDDPM] Nichol, Dhariwal 2021; [CFG] Ho, Salimans 2022.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class DiTConfig:
     conditioning: str = "adaln-zero"
     attention_backend: str = "sdpa"
     frequency_size: int = 256
+    second_time: bool = False  # also read r: t as pairs (t, r) [B, 2] (MeanFlow, shortcut models)
     text_vocab: int = 0  # token ids of the captions (the text conditionings): minidit.text.Tokenizer.vocab_size
     text_length: int = 8  # L, tokens per caption
     text_depth: int = 2  # blocks of the text encoder
@@ -211,6 +220,11 @@ class DiT(nn.Module):
         adaptive = c.conditioning in ("adaln-zero", "adaln", *TEXT_CONDITIONINGS)
         self.final_layer = FinalLayer(D, c.patch_size, c.out_channels, adaptive)
         self._init_weights()
+        self.dt_embedder = None
+        if c.second_time:  # built after the others are initialised, so that they start as without it
+            self.dt_embedder = TimestepEmbedder(D, c.frequency_size)
+            nn.init.zeros_(self.dt_embedder.mlp[2].weight)  # Δ_emb = 0: the one-time model at init
+            nn.init.zeros_(self.dt_embedder.mlp[2].bias)
 
     def _make_block(self) -> nn.Module:
         c = self.config
@@ -248,8 +262,16 @@ class DiT(nn.Module):
 
     def _check_inputs(self, x, t, y, force_drop_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raise ValueError on a bad input (`minidit.embeddings.check_conditioned_inputs`); return t
-        as a float [B] and y [B]."""
+        as a float [B] (with `second_time` and pairs, [B, 2]) and y [B]."""
         c = self.config
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 2:  # (t, r) pairs: the first time is checked like any t, the pair is kept
+            if not c.second_time:
+                raise ValueError(f"time pairs (t, r) {list(t.shape)} need a DiT with second_time=True")
+            if x.ndim == 4 and tuple(t.shape) != (x.shape[0], 2):
+                raise ValueError(f"time pairs (t, r) must have shape [{x.shape[0]}, 2], got {list(t.shape)}")
+            _, y = self._check_inputs(x, t[:, 0], y, force_drop_ids)
+            return t.float(), y
         if c.reads_text:  # y: token ids [B, L]; None: the null caption
             t, _ = check_conditioned_inputs(x, t, None, None, in_channels=c.in_channels, input_size=c.input_size,
                                             num_classes=0, name="DiT")
@@ -260,6 +282,14 @@ class DiT(nn.Module):
             return t, y
         return check_conditioned_inputs(x, t, y, force_drop_ids, in_channels=c.in_channels,
                                         input_size=c.input_size, num_classes=c.num_classes, name="DiT")
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """t_emb(t) [B, D]; with `second_time`, t_emb(t) + Δ_emb(t − r) for pairs (t, r) [B, 2]
+        (a single time t [B] is the pair (t, t))."""
+        if self.dt_embedder is None:
+            return self.t_embedder(t)
+        t, r = (t[:, 0], t[:, 1]) if t.ndim == 2 else (t, t)
+        return self.t_embedder(t) + self.dt_embedder(t - r)
 
     def forward(
         self,
@@ -272,7 +302,8 @@ class DiT(nn.Module):
 
         Args:
             x: noisy inputs x_t [B, C, H, W].
-            t: timesteps [B] (or a scalar), any float scale.
+            t: timesteps [B] (or a scalar), any float scale; with `second_time`, also pairs
+                (t, r) [B, 2] (a single time means r = t).
             y: labels [B] in [0, num_classes), or the null label num_classes for an
                 unconditional prediction (what classifier-free guidance asks for); None
                 means the null label for every sample (and is required when num_classes=0).
@@ -290,7 +321,7 @@ class DiT(nn.Module):
         h = self.patch_embed(x) + self.pos_embed  # [B, L, D]
         if c.reads_text:
             return self._forward_text(h, t, y, force_drop_ids)
-        cond = [self.t_embedder(t)]  # t_emb [B, D]
+        cond = [self.embed_time(t)]  # t_emb [B, D]
         if self.y_embedder is not None:
             cond.append(self.y_embedder(y, self.training, force_drop_ids))  # y_emb [B, D]
         if c.conditioning in ("adaln-zero", "adaln"):
@@ -319,7 +350,7 @@ class DiT(nn.Module):
         if (self.training and c.class_dropout_prob > 0) or force_drop_ids is not None:  # caption dropout [CFG]
             ids = drop_labels(ids, c.class_dropout_prob, NULL, force=force_drop_ids)
         text, pooled, mask = self.text_encoder(ids)  # [B, L, D], [B, D], [B, L]
-        s = self.t_embedder(t)  # PixArt-α: the modulation sees t only
+        s = self.embed_time(t)  # PixArt-α: the modulation sees t only
         if self.pooled_embedder is not None:  # SD3: t_emb + MLP(pooled text)
             s = s + self.pooled_embedder(pooled)
         maps = []

@@ -52,13 +52,14 @@ _E = [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 4
 
 
 def euler_step(F: Field, y: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-    """One Euler step of dy/dt = F(y, t) from t to t_next (one evaluation)."""
-    return y + (t_next - t) * F(y, t)
+    """One Euler step of dy/dt = F(y, t) from t to t_next (one time, or one per sample [B]; one evaluation)."""
+    return y + per_sample(t_next - t, y) * F(y, t)
 
 
 def heun_step(F: Field, y: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-    """One step of Heun's method (the trapezoid rule on an Euler guess), two evaluations [EDM, Alg. 1]."""
-    h = t_next - t
+    """One step of Heun's method (the trapezoid rule on an Euler guess), two evaluations [EDM, Alg. 1];
+    t and t_next are one time, or one per sample [B]."""
+    h = per_sample(t_next - t, y)
     d = F(y, t)
     d_next = F(y + h * d, t_next)  # the slope at the Euler guess
     return y + 0.5 * h * (d + d_next)

@@ -21,10 +21,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--ckpt", help="a checkpoint written by minidit train (latest.pt)")
     source.add_argument("--pretrained", metavar="NAME",
                         help="a model that ships with minidit (no training needed): " + (", ".join(pretrained_names()) or "none"))
-    names = ", ".join([*SAMPLERS, "edm"])
+    names = ", ".join([*SAMPLERS, "edm", "consistency", "meanflow"])
     parser.add_argument("--sampler", help=f"one of {names} (default: the checkpoint's); a name the "
                         "checkpoint's objective cannot drive lists those it can")
-    parser.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's; a few-step student, "
+                        "e.g. --pretrained mnist-cd, draws with 1, 2 or 4)")
     parser.add_argument("--grid", choices=GRID_KINDS, help="time grid (default: the sampler's own)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
     parser.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),

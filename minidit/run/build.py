@@ -19,8 +19,10 @@ from minidit import data
 from minidit.autoencoder import AUTOENCODER_BUILDERS
 from minidit.captions import CLASS_NAMES, caption_tokenizer, encode_dataset
 from minidit.dit import TEXT_CONDITIONINGS, make_dit
+from minidit.run import weights
 from minidit.run.checkpoint import load_weights, read_checkpoint
 from minidit.run.config import TrainConfig
+from minidit.run.fewstep import FEWSTEP_OBJECTIVES, StudentObjective
 from minidit.run.latent import AutoencoderObjective, LatentObjective, latent_input_shape
 from minidit.run.objectives import DIFFUSION_OBJECTIVES, objective_from_config
 from minidit.text import NULL
@@ -28,7 +30,8 @@ from minidit.toy_models import TinyMLP
 from minidit.unet import UNET_BUILDERS
 
 MODEL_BUILDERS = {"mlp": TinyMLP, **AUTOENCODER_BUILDERS, **UNET_BUILDERS}  # other names go to minidit.dit.make_dit
-OBJECTIVES = {**DIFFUSION_OBJECTIVES, "latent": LatentObjective, "autoencoder": AutoencoderObjective}
+OBJECTIVES = {**DIFFUSION_OBJECTIVES, "latent": LatentObjective, "autoencoder": AutoencoderObjective,
+              **FEWSTEP_OBJECTIVES}
 
 
 def make_model(config: TrainConfig) -> nn.Module:
@@ -52,7 +55,34 @@ def make_objective(config: TrainConfig):
     """The objective of `config`; its null label defaults to the number of classes."""
     null_label = data.dataset_shape(config.dataset)[2] if config.class_conditional else None
     null_label = NULL if config.captions else null_label
-    return objective_from_config({"null_label": null_label, **config.objective}, OBJECTIVES)
+    objective = objective_from_config({"null_label": null_label, **config.objective}, OBJECTIVES)
+    student = getattr(objective, "inner_objective", objective)  # a latent objective's inner one
+    if isinstance(student, StudentObjective):  # it loads its teacher's run when it first needs it
+        student.load_run = load_teacher
+    return objective
+
+
+def load_shipped(name: str, device: str | torch.device = "cpu", folder=weights.FOLDER
+                 ) -> tuple[nn.Module, object, TrainConfig]:
+    """Shipped model `name` ("pretrained:NAME" without the prefix): (EMA network, frozen, in eval
+    mode on `device`; its objective; its TrainConfig). See `minidit.run.pretrained`."""
+    state, entry = weights.read(name, folder)
+    config = TrainConfig.from_dict(entry.config)
+    model = make_model(config)
+    load_weights(model, state, f"{weights.PREFIX}{name}")
+    return model.requires_grad_(False).to(device).eval(), make_objective(config), config
+
+
+def load_teacher(path: str, device: str | torch.device = "cpu"):
+    """A few-step student's teacher: (network, EMA network, objective, config) of a checkpoint, or of
+    a shipped model ("pretrained:NAME", whose one network is its EMA). A latent run's objective is
+    its inner one, the diffusion its network solves on the latents the student shares with it."""
+    if str(path).startswith(weights.PREFIX):
+        model, objective, config = load_shipped(str(path)[len(weights.PREFIX):], device)
+        ema = model
+    else:
+        model, ema, objective, config = load_checkpoint(path, device)
+    return model, ema, getattr(objective, "inner_objective", objective), config
 
 
 def training_data(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,3 +164,53 @@ PRESETS: dict[str, TrainConfig] = {
                                       dataset="cifar10", hflip=True, steps=100_000, **_GPU,
                                       out_dir="runs/cifar10-latent-gpu"),
 }
+
+# Few-step students (minidit.run.fewstep) of a trained teacher. On MNIST the teacher is the shipped main
+# job (pretrained:mnist-dit, a flow on the shipped autoencoder's latents) and each student trains on the
+# same latents for 15 CPU-minutes (progressive distillation: three 5-minute rounds, 8 -> 4 -> 2 -> 1 steps);
+# on CIFAR-10 they follow cifar10-gpu on pixels. Students start from their teacher's weights (CT: from
+# scratch) at a lower learning rate; the teacher's guidance is distilled (MeanFlow: trained) in, so
+# students sample at scale 1. A consistency loss swings with the noise level of its pairs: a spike
+# counts as divergence only far above the usual.
+_CPU_STUDENT = {**_CPU, "model": "dit-mnist-latent", "steps": 20_000, "minutes": 15.0, "lr": 5e-4, "ema_decay": 0.999}
+_GPU_STUDENT = {**_GPU, "model": "dit-cifar10-gpu", "dataset": "cifar10", "hflip": True, "steps": 50_000, "lr": 1e-4,
+                "minutes": None}
+_CM = {"kind": "consistency", "sampler": "consistency", "sample_steps": 1}
+_MF = {"kind": "meanflow", "sampler": "meanflow", "sample_steps": 1, "init_from_teacher": True}
+_TWO_TIMES = {"second_time": True}  # MeanFlow's DiT reads (t, r)
+
+
+def _students(data: str, teacher: str, base: dict, ct: dict, pd_rounds: tuple[int, ...],
+              latent: dict | None = None) -> dict[str, TrainConfig]:
+    """The few-step presets of one dataset: CD, CT from scratch (`ct`: its changes to `base` and to the
+    objective), MeanFlow (trained and distilled) and the rounds of progressive distillation, each
+    round's teacher the round before it. With `latent` (a latent objective's fields), every student
+    is that objective around its own (the teacher's latents)."""
+    suffix = "cpu" if data == "mnist" else "gpu"
+    wrap = (lambda inner: {**latent, "inner": inner}) if latent else (lambda inner: inner)
+    presets = {
+        f"{data}-cd-{suffix}": TrainConfig(**base, divergence_factor=100.0, objective=wrap({
+            **_CM, "mode": "cd", "teacher": teacher, "init_from_teacher": True, "N": 18, "solver": "heun"})),
+        f"{data}-ct-{suffix}": TrainConfig(**{**base, **ct["run"]}, divergence_factor=100.0,
+                                           objective=wrap({**_CM, "mode": "ct", **ct["objective"]})),
+        f"{data}-meanflow-{suffix}": TrainConfig(**base, model_overrides=_TWO_TIMES, objective=wrap({
+            **_MF, "teacher": teacher, "omega": 1.5 if data == "mnist" else 2.0})),
+        f"{data}-meanflow-distill-{suffix}": TrainConfig(**base, model_overrides=_TWO_TIMES, objective=wrap({
+            **_MF, "mode": "distill", "teacher": teacher})),
+    }
+    for steps in pd_rounds:
+        name = f"{data}-pd{steps}-{suffix}"
+        presets[name] = TrainConfig(**{**base, "minutes": base["minutes"] and base["minutes"] / len(pd_rounds)},
+                                    objective=wrap({"kind": "progressive", "teacher": teacher,
+                                                    "teacher_steps": 2 * steps, "sampler": "euler",
+                                                    "sample_steps": steps}))
+        teacher = f"runs/{name}/latest.pt"
+    return {name: dataclasses.replace(config, out_dir=f"runs/{name}") for name, config in presets.items()}
+
+
+# CT starts from scratch at the main job's learning rate; on the CPU its curriculum doubles N from 11 to 161
+PRESETS.update(_students("mnist", "pretrained:mnist-dit", _CPU_STUDENT,
+                         {"run": {"lr": 5e-3}, "objective": {"s1": 160}}, (4, 2, 1),
+                         latent={k: v for k, v in _MAIN_Z.items() if k != "inner"}))
+PRESETS.update(_students("cifar10", "runs/cifar10-gpu/latest.pt", _GPU_STUDENT,
+                         {"run": {"lr": 2e-4, "steps": 100_000}, "objective": {}}, (8, 4, 2, 1)))

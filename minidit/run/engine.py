@@ -102,6 +102,9 @@ def train_step(run: Run, autocast, guard: Guard) -> tuple[torch.Tensor, torch.Te
     """
     config, A, scaler = run.config, run.config.grad_accum, run.scaler
     scale = (lambda loss: loss) if scaler is None else scaler.scale  # fp16: S * loss
+    trains = getattr(run.objective, "inner_objective", run.objective)  # a latent objective's inner one
+    if hasattr(trains, "set_progress"):  # a curriculum over the run (iCT's discretisation)
+        trains.set_progress(run.budget.fraction(run.step, run.elapsed))
     run.opt.zero_grad(set_to_none=True)
     losses, times = [], []
     for a in range(A):
@@ -181,9 +184,13 @@ def _start(config: TrainConfig, resume: bool, objective, rank: int, world: int, 
     # 1. model, EMA, optimiser: the same initialisation on every rank
     seed_everything(config.seed)
     model = make_model(config).to(device)
+    objective = objective if objective is not None else make_objective(config)
+    latest = Path(config.out_dir) / "latest.pt"
+    trains = getattr(objective, "inner_objective", objective)  # a latent objective's inner one
+    if hasattr(trains, "init_model") and not (resume and latest.is_file()):
+        trains.init_model(model)  # a few-step student starts from its teacher's weights
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    objective = objective if objective is not None else make_objective(config)
     # 2. data: rank r reads every W-th example of each epoch's permutation
     if device.type != "cpu":
         images, labels = images.to(device), labels.to(device)  # batches are gathered on the device
@@ -194,7 +201,6 @@ def _start(config: TrainConfig, resume: bool, objective, rank: int, world: int, 
     generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
     step, micro_step, elapsed = 0, 0, 0.0
     scaler = grad_scaler_for(config, device)
-    latest = Path(config.out_dir) / "latest.pt"
     if resume and latest.is_file():
         state = ckpt.read_checkpoint(latest)
         step, micro_step, elapsed = ckpt.restore_run(state, config.to_dict(), rank, world, model, ema, opt, generator)

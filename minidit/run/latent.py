@@ -29,7 +29,10 @@ from minidit.autoencoder import AUTOENCODER_BUILDERS, Autoencoder, latent_scalin
 from minidit.data import dataset_shape
 from minidit.run import weights
 from minidit.run.checkpoint import CheckpointError, load_weights, read_checkpoint
-from minidit.run.objectives import Drawn, Sampler, objective_from_config
+from minidit.run.fewstep import FEWSTEP_OBJECTIVES
+from minidit.run.objectives import DIFFUSION_OBJECTIVES, Drawn, Sampler, objective_from_config
+
+INNER_OBJECTIVES = {**DIFFUSION_OBJECTIVES, **FEWSTEP_OBJECTIVES}  # what a latent objective may wrap
 
 POSTERIORS = ("sample", "mean")
 SCALING_IMAGES = 2048  # training images whose latents set s
@@ -174,7 +177,8 @@ class LatentObjective:
         if self.inner.get("kind") in ("latent", "autoencoder"):
             raise ValueError(f"the inner objective must be a diffusion objective, got {self.inner.get('kind')!r}")
         unclipped = {"clip_x0": False} if self.inner.get("kind") == "ddpm" else {}  # latents have no [-1, 1]
-        self.inner_objective = objective_from_config({"null_label": self.null_label, **unclipped, **self.inner})
+        self.inner_objective = objective_from_config({"null_label": self.null_label, **unclipped, **self.inner},
+                                                     INNER_OBJECTIVES)
         self._ae = None
         if self.fingerprint is not None:  # a trained model: its autoencoder must be there, unchanged
             self.load()

@@ -100,6 +100,10 @@ class DiffusionObjective:
         names = (*SAMPLERS, "edm")
         return tuple(n for n in names if n not in STOCHASTIC) if self.kind == "flow" else names
 
+    def sampler_functions(self) -> dict[str, Callable[..., Tensor]]:
+        """Name -> sampler function: `minidit.samplers.SAMPLERS` (few-step objectives add their own)."""
+        return SAMPLERS
+
     def default_grid(self, name: str) -> str:
         if name in ("ddpm", "ddim") and self.kind == "ddpm":
             return "ddpm"
@@ -164,7 +168,7 @@ class DiffusionObjective:
         if name == "edm":  # EDM's sampler: Heun on σ(t) = t [EDM, Alg. 2]
             den = den.on(EDMProcess())
         time_grid = self.grid(grid, self.sample_steps if name in ADAPTIVE else steps, den.process)
-        sample_fn = SAMPLERS["heun" if name == "edm" else name]
+        sample_fn = self.sampler_functions()["heun" if name == "edm" else name]
         options = {"eta": self.eta, **options} if name == "ddim" and hasattr(self, "eta") else options
 
         def run(shape, y, generator):

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minidit.run.build import make_model, make_objective
-from minidit.run.checkpoint import load_weights
+from minidit.run.build import load_shipped
 from minidit.run.config import TrainConfig
-from minidit.run.weights import FOLDER, entries, read
+from minidit.run.weights import FOLDER, entries
 
 
 def names() -> list[str]:
@@ -50,8 +49,4 @@ def load(name: str, device: str | torch.device = "cpu", folder=FOLDER) -> tuple[
         ValueError: no such name (the message lists them).
         CheckpointError: the weights file is missing or corrupt.
     """
-    state, e = read(name, folder)
-    config = TrainConfig.from_dict(e.config)
-    model = make_model(config)
-    load_weights(model, state, f"pretrained:{name}")
-    return model.requires_grad_(False).to(device).eval(), make_objective(config), config
+    return load_shipped(name, device, folder)
