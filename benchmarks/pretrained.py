@@ -43,6 +43,10 @@ MODELS = {
     # MMDiT's joint attention, both for its 20 minutes
     "mnist-text": ("mnist-text-cpu", [], "float16"),
     "mnist-mmdit": ("mnist-text-cpu", ['model_overrides={"conditioning": "mmdit"}'], "float16"),
+    # few-step students of mnist-dit (minidit.run.fewstep), 15 minutes each: consistency distillation and
+    # MeanFlow, which draw in one step (benchmarks/few_step.py measures them at 1, 2 and 4)
+    "mnist-cd": ("mnist-cd-cpu", [], "float16"),
+    "mnist-meanflow": ("mnist-meanflow-cpu", [], "float16"),
 }
 
 

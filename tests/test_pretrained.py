@@ -15,7 +15,7 @@ from minidit.run.generate import class_labels, sample_model
 from minidit.run.pretrained import describe, load, names
 from minidit.toy_models import TinyMLP
 
-SHIPPED = ["mnist-ae", "mnist-ddpm", "mnist-dit", "mnist-mmdit", "mnist-text"]  # what the package must hold
+SHIPPED = ["mnist-ae", "mnist-cd", "mnist-ddpm", "mnist-dit", "mnist-meanflow", "mnist-mmdit", "mnist-text"]  # what the package must hold
 CAPTION_MODELS = ["mnist-mmdit", "mnist-text"]  # read captions (minidit.captions), not labels
 
 
