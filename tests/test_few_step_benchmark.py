@@ -70,13 +70,17 @@ def test_table_lists_every_row(few_step, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_runs_every_method(few_step, tmp_path, mnist_root, monkeypatch):
+def test_tiny_benchmark_scores_the_teacher_and_students_and_resumes(few_step, tmp_path, mnist_root, monkeypatch,
+                                                                     capsys):
+    # every method's preset trains and samples in test_fewstep.py; here the benchmark itself runs end to end
+    # on one distilled student and on the chain of progressive rounds
     monkeypatch.setenv("MINIDIT_DATA", str(mnist_root))
-    few_step.main(["--tiny", "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")])
+    argv = ["--tiny", "--methods", "cd", "progressive", "--results-dir", str(tmp_path / "results"),
+            "--runs-dir", str(tmp_path / "runs")]
+    few_step.main(argv)
     done = json.loads((tmp_path / "results" / "few_step.json").read_text())
     expected = {"teacher-heun|5", "teacher-heun|10", "teacher-euler|10", "teacher-euler|20",
-                "progressive|4", "progressive|2", "progressive|1"} | {
-        f"{m}|{k}" for m in ("cd", "ct", "meanflow", "meanflow-distill") for k in (1, 2, 4)}
+                "progressive|4", "progressive|2", "progressive|1", "cd|1", "cd|2", "cd|4"}
     assert set(done["rows"]) == expected
     for key, row in done["rows"].items():
         nfe = 2 * row["steps"] if row["sampler"] == "heun" else row["steps"]
@@ -84,5 +88,8 @@ def test_tiny_benchmark_runs_every_method(few_step, tmp_path, mnist_root, monkey
     rounds = [done["rows"][f"progressive|{k}"]["train_steps"] for k in (4, 2, 1)]
     assert rounds == [3, 6, 9]  # the cost of a round includes the rounds before it
     assert (tmp_path / "results" / "few_step.md").is_file() and (tmp_path / "results" / "few_step.png").is_file()
-    # a second call finds everything done and runs nothing
-    few_step.main(["--tiny", "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")])
+    assert "scoring" in capsys.readouterr().out
+    # a second call finds every row done and runs nothing
+    few_step.main(argv)
+    assert "scoring" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "results" / "few_step.json").read_text()) == done

@@ -62,9 +62,9 @@ def test_every_model_the_package_promises_is_there_and_small():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in ("mnist-ae", *CAPTION_MODELS)])
 def test_each_shipped_generator_draws_the_digit_asked_for(name):
-    # two hundred samples with the model's own sampler, classified by the shipped MNIST classifier
+    # a hundred samples with the model's own sampler, classified by the shipped MNIST classifier
     model, objective, config = load(name)
-    drawn = sample_model(model, objective, config, 200, seed=1)
+    drawn = sample_model(model, objective, config, 100, seed=1)
     accuracy = classifier_accuracy(drawn["images"], drawn["labels"], load_feature_net("mnist"), progress=False)
     assert accuracy >= 0.9, (name, accuracy)
 
